@@ -1,0 +1,1 @@
+"""Offline methods: a frozen, pre-trained teacher supervises the student."""

@@ -1,0 +1,30 @@
+"""Hinton KD: the student matches the teacher's temperature-softened class distribution."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import KDConfig
+from pipeline.distill.base import Distiller
+from pipeline.distill.losses import kd_loss
+from pipeline.distill.registry import register_method
+
+
+@register_method("kd", KDConfig, offline=True)
+class KD(Distiller):
+    """``ce_weight * CE(student, y) + kd_weight * kd_loss(student, teacher, T)``."""
+
+    name = "kd"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig) -> None:
+        super().__init__(student, teacher)
+        self.cfg = cfg
+
+    def forward(self, images: Tensor, labels: Tensor, indices: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logits_t = self.teacher_forward(images)
+        logits_s = self.student(images)
+        return logits_s, {
+            "ce": self.cfg.ce_weight * F.cross_entropy(logits_s, labels),
+            "kd": self.cfg.kd_weight * kd_loss(logits_s, logits_t, self.cfg.temperature),
+        }

@@ -1,0 +1,1 @@
+"""Online methods: networks trained together from scratch teach each other."""

@@ -1,0 +1,1 @@
+"""The one training engine: seeding, checkpoints, schedules, progress and the loop."""

@@ -1,0 +1,227 @@
+"""The one training loop: every run (teacher, baseline, offline, online) goes through :func:`fit`.
+
+A run keeps its working state in a *state folder* (resume checkpoint, route
+checkpoints, DVCLive logs). The state is tagged with a fingerprint of everything
+that defines the run; a rerun with the same fingerprint resumes from the last
+finished epoch and ends bit-identical to an uninterrupted run, because each epoch's
+randomness depends only on (seed, epoch). A different fingerprint starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.config import TrainConfig
+from pipeline.distill.base import Distiller
+from pipeline.engine.atomic import atomic_write_json
+from pipeline.engine.checkpoint import STATE_FORMAT, CheckpointError, load_torch, save_torch
+from pipeline.engine.device import autocast, pick_device
+from pipeline.engine.evaluation import predict, topk_accuracy
+from pipeline.engine.optim import build_optimizer, build_scheduler
+from pipeline.engine.progress import Progress
+from pipeline.engine.seeding import rng_state, seed_epoch, seed_everything, set_rng_state
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN/Inf; the run stopped and the last good checkpoint was kept."""
+
+
+@dataclass
+class RunSpec:
+    """Identity and bookkeeping of one training run."""
+
+    label: str
+    state_dir: Path
+    fingerprint: str
+    route_every: int | None = None
+    eval_batch_size: int = 256
+
+
+@dataclass
+class FitResult:
+    """What a finished run hands back: per-epoch history and where it started from."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def route_path(state_dir: Path, epoch: int) -> Path:
+    """Where the route checkpoint after ``epoch`` finished epochs lives."""
+    return state_dir / "route" / f"epoch_{epoch:04d}.pt"
+
+
+def _prepare_state_dir(spec: RunSpec, progress: Progress) -> dict[str, Any] | None:
+    """Return the resumable state if the folder holds one for this fingerprint, else reset it."""
+    d = spec.state_dir
+    fp_file = d / "fingerprint.json"
+    last = d / "last.pt"
+    if fp_file.is_file() and last.is_file():
+        try:
+            stored = json.loads(fp_file.read_text())["fingerprint"]
+        except (ValueError, KeyError):
+            stored = None
+        if stored == spec.fingerprint:
+            try:
+                state = load_torch(last, STATE_FORMAT)
+                if state.get("fingerprint") == spec.fingerprint:
+                    return state
+            except CheckpointError as err:
+                progress.note(f"resume checkpoint unusable, starting afresh: {err}")
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    atomic_write_json(fp_file, {"fingerprint": spec.fingerprint})
+    return None
+
+
+class _Live:
+    """DVCLive curves rebuilt from the checkpointed history on resume, so they match exactly."""
+
+    def __init__(self, live_dir: Path, history: list[dict[str, float]]) -> None:
+        from dvclive import Live
+
+        if live_dir.exists():
+            shutil.rmtree(live_dir)
+        self.live = Live(dir=str(live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+        for rec in history:
+            self.log(rec)
+
+    def log(self, rec: dict[str, float]) -> None:
+        for k, v in rec.items():
+            if k != "epoch":
+                self.live.log_metric(k, v, plot=True)
+        self.live.next_step()
+
+    def close(self) -> None:
+        self.live.end()
+
+
+def fit(
+    task: Distiller,
+    train_set: torch.utils.data.Dataset,
+    val_set: torch.utils.data.Dataset,
+    cfg: TrainConfig,
+    seed: int,
+    spec: RunSpec,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train ``task`` for ``cfg.epochs`` epochs, resuming from ``spec.state_dir`` when possible."""
+    t_start = time.perf_counter()
+    progress = Progress(spec.label, cfg.epochs)
+    device = device or pick_device()
+    seed_everything(seed)
+    task.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        task.to(memory_format=torch.channels_last)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    optimizer = build_optimizer(task.trainable_parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+
+    state = _prepare_state_dir(spec, progress)
+    if state is not None:
+        task.load_trainable_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+        set_rng_state(state["rng"])
+        progress.note(f"resuming after epoch {start_epoch} from {spec.state_dir / 'last.pt'}")
+    live = _Live(spec.state_dir / "live", history)
+
+    n_train = len(train_set)
+    drop_last = n_train % cfg.batch_size == 1  # a lone sample would break batch norm
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            gen = seed_epoch(seed, epoch)
+            task.train()
+            task.on_epoch_start(epoch, cfg.epochs)
+            loader = DataLoader(
+                train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                num_workers=num_workers, drop_last=drop_last, pin_memory=device.type == "cuda",
+            )
+            sums: dict[str, float] = {}
+            correct, seen = 0.0, 0
+            for step, (images, labels, indices) in enumerate(progress.steps(loader, epoch, len(loader))):
+                images = images.to(device, non_blocking=True)
+                if device.type == "cuda" and cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(device, non_blocking=True)
+                indices = indices.to(device, non_blocking=True)
+                with autocast(device, use_amp):
+                    logits, terms = task(images, labels, indices)
+                    loss = torch.stack([v.float() for v in terms.values()]).sum()
+                if not torch.isfinite(loss):
+                    bad = {k: float(v) for k, v in terms.items()}
+                    raise NonFiniteLossError(
+                        f"[{spec.label}] loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                        f"(terms {bad}); stopped, last good checkpoint kept at {spec.state_dir / 'last.pt'}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(list(task.trainable_parameters()), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                b = labels.shape[0]
+                seen += b
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * b
+                correct += float((logits.detach().argmax(1) == labels).sum())
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+
+            rec: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
+            rec.update({f"train/{k}": v / max(seen, 1) for k, v in sums.items()})
+            rec["train/top1"] = 100.0 * correct / max(seen, 1)
+            rec.update(_validate(task, val_set, spec.eval_batch_size, device, use_amp))
+            history.append(rec)
+
+            ckpt = {
+                "format": STATE_FORMAT, "fingerprint": spec.fingerprint, "epoch": epoch + 1,
+                "model": task.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rng_state(), "history": history,
+            }
+            if spec.route_every and ((epoch + 1) % spec.route_every == 0 or epoch + 1 == cfg.epochs):
+                save_torch({"format": "kdpipe-route/1", "epoch": epoch + 1,
+                            "state_dict": {k: v.detach().cpu() for k, v in task.deployable().state_dict().items()},
+                            "val_top1": rec.get("val/top1", math.nan)}, route_path(spec.state_dir, epoch + 1))
+            save_torch(ckpt, spec.state_dir / "last.pt")
+            live.log(rec)
+            progress.epoch_done(epoch, {k: v for k, v in rec.items() if k in ("train/loss", "train/top1", "val/top1", "lr")})
+    finally:
+        live.close()
+    return FitResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t_start)
+
+
+def _validate(task: Distiller, val_set, batch_size: int, device: torch.device, amp: bool) -> dict[str, float]:
+    task.eval()
+    logits, labels = predict(task.eval_logits, val_set, batch_size, device, amp)
+    out: dict[str, float] = {}
+    for name, lg in logits.items():
+        prefix = "val" if name == "model" else f"val_{name}"
+        out[f"{prefix}/top1"] = 100.0 * topk_accuracy(lg, labels, 1)
+        out[f"{prefix}/nll"] = torch.nn.functional.cross_entropy(lg, labels.long()).item()
+    return out

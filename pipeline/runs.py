@@ -1,0 +1,185 @@
+"""Runs of the pipeline: what the stages call to train and evaluate one model.
+
+Layout of what a run writes (all DVC outs, each written atomically):
+
+    runs/<run>/                   model.pt, train.json (+ route/epoch_XXXX.pt for the teacher)
+    live/<run>/                   DVCLive training curves
+    metrics/<run>.json            test scores (DVC metrics)
+    plots/confusion/<run>.json    one {actual, predicted} row per test image (DVC confusion plot)
+    plots/per_class/<run>.json    top-1 per class (DVC bar plot)
+
+where <run> is ``teacher``, ``baseline/<student>`` or ``<method>/<student>``.
+
+Resume state lives in ``.kdpipe/state/<run id>/`` (ignored by git and DVC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import __version__
+from pipeline.config import Params, TrainConfig
+from pipeline.data import DataSplits, build_data
+from pipeline.distill import Vanilla, build_method
+from pipeline.engine.atomic import atomic_dir, atomic_write_json
+from pipeline.engine.checkpoint import load_model_file, save_model_file
+from pipeline.engine.evaluation import classification_metrics, predict
+from pipeline.engine.loop import RunSpec, fit
+from pipeline.models import build, count_parameters
+from pipeline.models.complexity import count_macs
+
+STATE_ROOT = Path(".kdpipe") / "state"
+
+
+@dataclass(frozen=True)
+class RunId:
+    """Which run: the teacher, a student alone (baseline) or a student distilled by a method."""
+
+    role: str  # "teacher" | "baseline" | "distill"
+    student: str | None = None
+    method: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self.role == "teacher":
+            return "teacher"
+        if self.role == "baseline":
+            return f"baseline/{self.student}"
+        return f"{self.method}/{self.student}"
+
+    @property
+    def arch(self) -> str:
+        return str(self.student)
+
+    def out_dir(self, root: Path) -> Path:
+        return root / "runs" / self.key
+
+    def live_dir(self, root: Path) -> Path:
+        return root / "live" / self.key
+
+    def metrics_file(self, root: Path) -> Path:
+        return root / "metrics" / f"{self.key}.json"
+
+    def plot_file(self, root: Path, kind: str) -> Path:
+        return root / "plots" / kind / f"{self.key}.json"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def provenance(params: Params) -> dict[str, Any]:
+    """What produced an output: package and library versions, device, params hash."""
+    import platform
+
+    return {
+        "kdpipe": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "params_sha256": _hash_json(params.model_dump(mode="json")),
+    }
+
+
+def _plan(params: Params, run: RunId, root: Path) -> tuple[str, TrainConfig, dict[str, Any]]:
+    """Architecture, recipe and the fingerprint inputs of a run."""
+    if run.role == "teacher":
+        arch, cfg = params.teacher.model, params.teacher_train()
+        extra: dict[str, Any] = {"weights": params.teacher.weights, "route_every": params.teacher.route_every}
+    else:
+        arch, cfg = run.arch, params.student_train(run.arch)
+        extra = {}
+        if run.role == "distill":
+            extra["method"] = run.method
+            extra["method_params"] = getattr(params.distill, str(run.method)).model_dump(mode="json")
+            extra["teacher_sha256"] = file_sha256(RunId("teacher").out_dir(root) / "model.pt")
+    fp = {"run": run.key, "arch": arch, "seed": params.seed, "data": params.data.model_dump(mode="json"),
+          "train": cfg.model_dump(mode="json"), **extra}
+    return arch, cfg, fp
+
+
+def load_teacher(root: Path, data: DataSplits) -> torch.nn.Module:
+    """The trained teacher of this workspace (``runs/teacher/model.pt``)."""
+    model, _ = load_model_file(RunId("teacher").out_dir(root) / "model.pt", expect_classes=data.num_classes)
+    return model
+
+
+def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
+    """Train one run and write its out folder atomically; returns the folder."""
+    data = build_data(params.data, params.seed)
+    arch, cfg, fp = _plan(params, run, root)
+    weights = params.teacher.weights if run.role == "teacher" else None
+    torch.manual_seed(params.seed)
+    model = build(arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                  image_size=data.image_size, weights=weights)
+    if run.role == "distill":
+        teacher = load_teacher(root, data)
+        method_params = getattr(params.distill, str(run.method))
+        task = build_method(str(run.method), model, teacher, method_params)
+    else:
+        task = Vanilla(model)
+    state_dir = root / STATE_ROOT / run.key
+    spec = RunSpec(
+        label=run.key, state_dir=state_dir, fingerprint=_hash_json(fp),
+        route_every=params.teacher.route_every if run.role == "teacher" else None,
+    )
+    result = fit(task, data.train, data.val, cfg, params.seed, spec, num_workers=params.data.num_workers)
+    deploy = task.deployable().cpu().eval()
+    meta = {"role": run.role, "student": run.student, "method": run.method, "run": run.key,
+            "class_names": list(data.class_names), "epochs": cfg.epochs, **provenance(params)}
+    out = run.out_dir(root)
+    with atomic_dir(out) as tmp:
+        save_model_file(tmp / "model.pt", deploy, arch, data.num_classes, data.in_channels, data.image_size, meta)
+        if (state_dir / "route").is_dir():
+            shutil.copytree(state_dir / "route", tmp / "route")
+        atomic_write_json(tmp / "train.json", {"final": result.final, "epochs": len(result.history),
+                                               "resumed_from_epoch": result.resumed_from,
+                                               "seconds": round(result.seconds, 2), "meta": meta})
+    with atomic_dir(run.live_dir(root)) as tmp:
+        shutil.copytree(state_dir / "live", tmp, dirs_exist_ok=True)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return out
+
+
+def evaluate(params: Params, run: RunId, root: Path = Path(".")) -> dict[str, Any]:
+    """Score a trained run on the test split and write its metrics and plot data atomically."""
+    data = build_data(params.data, params.seed)
+    model_path = run.out_dir(root) / "model.pt"
+    model, info = load_model_file(model_path, expect_classes=data.num_classes)
+    bs = params.evaluate.batch_size
+    logits, labels = predict(model, data.test, bs)
+    teacher_logits = None
+    if run.role != "teacher":
+        teacher_logits = predict(load_teacher(root, data), data.test, bs)[0]["model"]
+    m = classification_metrics(logits["model"], labels, data.num_classes, teacher_logits, params.evaluate.ece_bins)
+    names = list(data.class_names)
+    per_class = [{"class": names[i], "top1": v} for i, v in enumerate(m.pop("per_class_top1"))]
+    m.pop("confusion")
+    pred = logits["model"].argmax(1).tolist()
+    confusion_rows = [{"actual": names[a], "predicted": names[p]} for a, p in zip(labels.tolist(), pred)]
+    metrics = {
+        **{k: round(float(v), 6) for k, v in m.items()},
+        "params": count_parameters(model),
+        "macs": count_macs(model, data.in_channels, data.image_size),
+        "checkpoint_bytes": model_path.stat().st_size,
+        "test_samples": len(labels),
+    }
+    atomic_write_json(run.plot_file(root, "confusion"), confusion_rows)
+    atomic_write_json(run.plot_file(root, "per_class"), per_class)
+    atomic_write_json(run.metrics_file(root), metrics)
+    return metrics

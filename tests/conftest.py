@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny, fast configuration and a workspace copy for end-to-end runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("KDPIPE_PROGRESS", "lines")
+
+
+def tiny_params(**sections: dict) -> dict:
+    """A params mapping that trains in seconds: synthetic data, tiny nets, two epochs."""
+    p = {
+        "seed": 0,
+        "data": {"name": "synthetic", "synthetic_samples": 240, "synthetic_classes": 4, "synthetic_image_size": 8},
+        "train": {"epochs": 2, "batch_size": 32, "optimizer": {"lr": 0.05}},
+        "teacher": {"model": "tinynet_m", "route_every": 1},
+        "students": {"tinynet_s": {}},
+        "distill": {"methods": ["kd"]},
+        "evaluate": {"batch_size": 128},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(p.get(k), dict):
+            p[k] = {**p[k], **v}
+        else:
+            p[k] = v
+    return p
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def make_workspace(dest: Path, params: dict) -> Path:
+    """A git + DVC repository holding the project's pipeline code and the given params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in ("pipeline", "stages"):
+        shutil.copytree(REPO / item, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
+    for item in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy2(REPO / item, dest / item)
+    write_params(dest / "params.yaml", params)
+    run = lambda *cmd: subprocess.run(cmd, cwd=dest, check=True, capture_output=True, text=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "ci@example.invalid")
+    run("git", "config", "user.name", "ci")
+    run("dvc", "init", "-q")
+    run("dvc", "config", "core.analytics", "false")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "workspace")
+    return dest
+
+
+@pytest.fixture
+def tiny() -> dict:
+    return tiny_params()
