@@ -27,7 +27,7 @@ import torch
 from pipeline import __version__
 from pipeline.config import Params, TrainConfig
 from pipeline.data import DataSplits, build_data
-from pipeline.distill import Vanilla, build_method
+from pipeline.distill import MethodContext, Vanilla, build_method
 from pipeline.engine.atomic import atomic_dir, atomic_write_json
 from pipeline.engine.checkpoint import load_model_file, save_model_file
 from pipeline.engine.evaluation import classification_metrics, predict
@@ -90,7 +90,7 @@ def provenance(params: Params) -> dict[str, Any]:
 
     return {
         "kdpipe": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "params_sha256": _hash_json(params.model_dump(mode="json")),
     }
@@ -130,28 +130,44 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
     if run.role == "distill":
         teacher = load_teacher(root, data)
         method_params = getattr(params.distill, str(run.method))
-        task = build_method(str(run.method), model, teacher, method_params)
+        ctx = MethodContext(
+            student_arch=arch, num_classes=data.num_classes, in_channels=data.in_channels,
+            image_size=data.image_size, num_train=len(data.train), epochs=cfg.epochs,
+            teacher_arch=params.teacher.model, teacher_dir=RunId("teacher").out_dir(root),
+        )
+        task = build_method(str(run.method), model, teacher, method_params, ctx)
     else:
         task = Vanilla(model)
     state_dir = root / STATE_ROOT / run.key
+    fingerprint = _hash_json(fp)
+    workers = params.data.num_workers
+    for phase in task.phases():
+        phase_cfg = cfg.model_copy(update={"epochs": phase.epochs})
+        if phase.lr is not None:
+            phase_cfg = phase_cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"lr": phase.lr})})
+        phase_spec = RunSpec(label=f"{run.key}:{phase.name}", state_dir=state_dir / "phases" / phase.name,
+                             fingerprint=_hash_json({**fp, "phase": phase.name}))
+        fit(phase.task, data.train, data.val, phase_cfg, params.seed, phase_spec, num_workers=workers)
     spec = RunSpec(
-        label=run.key, state_dir=state_dir, fingerprint=_hash_json(fp),
+        label=run.key, state_dir=state_dir / "main", fingerprint=fingerprint,
         route_every=params.teacher.route_every if run.role == "teacher" else None,
     )
-    result = fit(task, data.train, data.val, cfg, params.seed, spec, num_workers=params.data.num_workers)
+    result = fit(task, data.train, data.val, cfg, params.seed, spec, num_workers=workers)
+    facts = task.finalize(result.history)
     deploy = task.deployable().cpu().eval()
     meta = {"role": run.role, "student": run.student, "method": run.method, "run": run.key,
             "class_names": list(data.class_names), "epochs": cfg.epochs, **provenance(params)}
     out = run.out_dir(root)
     with atomic_dir(out) as tmp:
         save_model_file(tmp / "model.pt", deploy, arch, data.num_classes, data.in_channels, data.image_size, meta)
-        if (state_dir / "route").is_dir():
-            shutil.copytree(state_dir / "route", tmp / "route")
+        if (spec.state_dir / "route").is_dir():
+            shutil.copytree(spec.state_dir / "route", tmp / "route")
         atomic_write_json(tmp / "train.json", {"final": result.final, "epochs": len(result.history),
                                                "resumed_from_epoch": result.resumed_from,
-                                               "seconds": round(result.seconds, 2), "meta": meta})
+                                               "seconds": round(result.seconds, 2), "meta": meta,
+                                               "method_facts": facts})
     with atomic_dir(run.live_dir(root)) as tmp:
-        shutil.copytree(state_dir / "live", tmp, dirs_exist_ok=True)
+        shutil.copytree(spec.state_dir / "live", tmp, dirs_exist_ok=True)
     shutil.rmtree(state_dir, ignore_errors=True)
     return out
 

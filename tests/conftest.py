@@ -34,7 +34,15 @@ def tiny_params(**sections: dict) -> dict:
     return p
 
 
-def write_params(path: Path, params: dict) -> Path:
+def write_params(path: Path, params: dict, complete: bool = True) -> Path:
+    """Write params as DVC needs them: every key spelled out (DVC tracks keys, not schema defaults)."""
+    if complete:
+        from pipeline.config import ConfigError, parse_params
+
+        try:
+            params = parse_params(params).model_dump(mode="json")
+        except ConfigError:
+            pass  # a test that writes bad params on purpose
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 

@@ -55,6 +55,8 @@ ZOO_PARAMS_100 = {
 
 # Tiny nets at num_classes=10 for 1-channel (digits) and 3-channel input.
 TINY_PARAMS_10 = {
+    ("tinynet_xs", 1): 4_782,
+    ("tinynet_xs", 3): 4_854,
     ("tinynet_s", 1): 18_482,
     ("tinynet_s", 3): 18_626,
     ("tinynet_m", 1): 72_666,
@@ -94,7 +96,7 @@ NUM_CLASSES = 7  # not 10 or 100, so nothing can be hard-coded to a dataset
 def test_registry_lists_every_family() -> None:
     assert set(ZOO_PARAMS_100) | set(TORCHVISION) | {n for n, _ in TINY_PARAMS_10} == set(ALL_MODELS)
     assert available("torchvision") == sorted(TORCHVISION)
-    assert available("tiny") == ["tinynet_l", "tinynet_m", "tinynet_s"]
+    assert available("tiny") == ["tinynet_l", "tinynet_m", "tinynet_s", "tinynet_xs"]
     assert set(available("cifar_resnet")) == {n for n in ZOO_PARAMS_100 if n.startswith("resnet")}
 
 

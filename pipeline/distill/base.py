@@ -9,6 +9,9 @@ terms; the training loop sums the terms and never needs to know the method.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,33 @@ from torch import Tensor, nn
 
 class MethodSetupError(ValueError):
     """A method cannot work with the given models; the message names method, models and what is missing."""
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may need to know about the run besides its networks and params."""
+
+    student_arch: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    num_train: int
+    epochs: int
+    teacher_arch: str | None = None
+    teacher_dir: Path | None = None  # runs/teacher: model.pt and route/epoch_XXXX.pt
+
+
+@dataclass
+class Phase:
+    """A preliminary training phase a method needs before its main run (e.g. AB's boundary
+    initialisation, SSKD's teacher head). It runs through the same loop, with its own recipe,
+    and is checkpointed/resumed like any run; ``task`` shares modules with the main task."""
+
+    name: str
+    task: "Distiller"
+    epochs: int
+    lr: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Distiller(nn.Module):
@@ -47,6 +77,17 @@ class Distiller(nn.Module):
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Hook for schedules inside a method (loss ramps, anchor switches)."""
         self.epoch, self.num_epochs = epoch, num_epochs
+
+    def phases(self) -> list[Phase]:
+        """Preliminary phases run (in order) before the main training; none by default."""
+        return []
+
+    def finalize(self, history: list[dict[str, float]]) -> dict[str, Any]:
+        """Called once after training with the per-epoch history (e.g. to pick the peer to deploy).
+
+        Returns facts worth recording in the run's train.json (empty by default).
+        """
+        return {}
 
     def eval_logits(self, images: Tensor) -> dict[str, Tensor]:
         """Logits scored on validation: ``model`` is the deployable network; methods may add heads."""

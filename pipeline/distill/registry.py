@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from torch import nn
 
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import Distiller, MethodContext
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,14 @@ def load_methods() -> dict[str, MethodSpec]:
     return METHOD_REGISTRY
 
 
-def build_method(name: str, student: nn.Module, teacher: nn.Module | None, params: BaseModel) -> Distiller:
-    """Build method ``name`` for a student (and a frozen teacher where the method is offline)."""
+def build_method(
+    name: str, student: nn.Module, teacher: nn.Module | None, params: BaseModel, ctx: MethodContext
+) -> Distiller:
+    """Build method ``name`` for a student (and a frozen teacher where the method is offline).
+
+    Offline classes are called as ``cls(student, teacher, params, ctx)``, online ones as
+    ``cls(student, params, ctx)`` (they build their other networks from ``ctx``).
+    """
     specs = load_methods()
     if name not in specs:
         raise KeyError(f"unknown method {name!r}; allowed: {', '.join(sorted(specs))}")
@@ -54,5 +60,5 @@ def build_method(name: str, student: nn.Module, teacher: nn.Module | None, param
     if spec.offline:
         if teacher is None:
             raise ValueError(f"method {name!r} distils from a teacher, but none was given")
-        return spec.cls(student, teacher, params)
-    return spec.cls(student, params)
+        return spec.cls(student, teacher, params, ctx)
+    return spec.cls(student, params, ctx)

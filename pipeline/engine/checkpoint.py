@@ -44,9 +44,11 @@ def load_torch(path: str | Path, expect_format: str | None = None) -> dict[str, 
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported" in ln]
+        why = lines[0].split(". Please use")[0] if lines else str(err).splitlines()[0]
         raise CheckpointError(
             f"refusing to load {p}: it holds objects other than tensors and plain data "
-            f"(a pickle payload could run code), {str(err).splitlines()[0]}"
+            f"(a pickle payload could run code): {why}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise CheckpointError(f"cannot read checkpoint {p}: truncated or not a torch checkpoint ({err})") from None

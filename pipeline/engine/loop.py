@@ -171,7 +171,7 @@ def fit(
                     logits, terms = task(images, labels, indices)
                     loss = torch.stack([v.float() for v in terms.values()]).sum()
                 if not torch.isfinite(loss):
-                    bad = {k: float(v) for k, v in terms.items()}
+                    bad = {k: float(v.detach()) for k, v in terms.items()}
                     raise NonFiniteLossError(
                         f"[{spec.label}] loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
                         f"(terms {bad}); stopped, last good checkpoint kept at {spec.state_dir / 'last.pt'}"

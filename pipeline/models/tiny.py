@@ -26,6 +26,7 @@ from .registry import register_model
 FAMILY = "tiny"
 
 WIDTHS: dict[str, tuple[int, int, int]] = {
+    "tinynet_xs": (4, 8, 16),
     "tinynet_s": (8, 16, 32),
     "tinynet_m": (16, 32, 64),
     "tinynet_l": (32, 64, 128),
@@ -76,6 +77,7 @@ def _register(name: str, description: str) -> None:
     register_model(name, FAMILY, description)(factory)
 
 
+_register("tinynet_xs", "tiny plain CNN, widths 4/8/16: a deliberately capacity-limited student for 8x8 digits")
 _register("tinynet_s", "tiny plain CNN, widths 8/16/32: fast student for 8x8 digits")
 _register("tinynet_m", "tiny plain CNN, widths 16/32/64: student or small teacher for 8x8 digits")
 _register("tinynet_l", "tiny plain CNN, widths 32/64/128: teacher for 8x8 digits")

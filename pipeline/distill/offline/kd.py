@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import KDConfig
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import kd_loss
 from pipeline.distill.registry import register_method
 
@@ -17,7 +17,7 @@ class KD(Distiller):
 
     name = "kd"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, ctx: MethodContext) -> None:
         super().__init__(student, teacher)
         self.cfg = cfg
 
