@@ -12,10 +12,27 @@ from pipeline.config import ConfigError, load_params, parse_params
 from tests.conftest import REPO, tiny_params, write_params
 
 
-def test_repository_params_are_valid():
+def _keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        if v is None or (isinstance(v, dict) and all(x is None for x in v.values())):
+            continue  # optional knobs left unset need not be spelled out
+        out.add(prefix + str(k))
+        if isinstance(v, dict) and not (prefix == "" and k == "students"):
+            out |= _keys(v, f"{prefix}{k}.")
+    return out
+
+
+def test_repository_params_are_valid_and_complete():
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
     p = load_params(REPO / "params.yaml")
     assert p.data.name == "digits"
     assert p.students and p.distill.methods
+    # DVC tracks params by key: every key of the schema must be spelled out in the file
+    missing = _keys(p.model_dump(mode="json")) - _keys(raw)
+    assert not missing, f"params.yaml lacks keys DVC needs to track: {sorted(missing)}"
 
 
 def _error(data: dict) -> str:

@@ -60,11 +60,69 @@ def test_second_repro_skips_everything(workspace: Path):
 def test_changing_one_student_reruns_only_its_stages(workspace: Path):
     ws = workspace
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["students"]["resnet8"] = {"train": {"epochs": 2}}
+    params["students"]["resnet8"]["train"]["epochs"] = 2
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(subprocess.run(["dvc", "status", "--json"], cwd=ws, capture_output=True, text=True).stdout)
     assert set(status) == {"train_student@resnet8", "distill@resnet8-kd"}
-    out = dvc(ws, "repro")
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=ws, check=True)
+
+
+def test_exp_run_with_a_changed_method_param_reruns_only_that_method(workspace: Path):
+    subprocess.run(["git", "add", "-A"], cwd=workspace, check=True)
+    subprocess.run(["git", "commit", "-qm", "baseline results"], cwd=workspace, check=True)
+    out = dvc(workspace, "exp", "run", "-S", "distill.kd.temperature=2.0")
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == ["distill@resnet8-kd", "evaluate_baseline@resnet8", "evaluate_distill@resnet8-kd",
-                   "train_student@resnet8"]
+    assert ran == ["distill@resnet8-kd", "distill@tinynet_s-kd", "evaluate_distill@resnet8-kd",
+                   "evaluate_distill@tinynet_s-kd"]
+    table = dvc(workspace, "exp", "show", "--json")
+    assert "distill.kd.temperature" in table or "temperature" in table
+
+
+def _state_dict(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_killed_repro_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: Path):
+    import os
+    import signal
+    import time
+
+    import torch
+
+    from pipeline.engine.checkpoint import STATE_FORMAT, load_torch
+
+    params = tiny_params(train={"epochs": 6}, teacher={"model": "tinynet_l", "route_every": 2})
+    a = make_workspace(tmp_path / "uninterrupted", params)
+    b = make_workspace(tmp_path / "killed", params)
+    dvc(a, "repro", "train_teacher")
+
+    proc = subprocess.Popen(["dvc", "repro", "train_teacher"], cwd=b, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = b / ".kdpipe" / "state" / "teacher" / "main" / "last.pt"
+    deadline = time.monotonic() + 120
+    epoch = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.is_file():
+            try:
+                epoch = load_torch(last, STATE_FORMAT)["epoch"]
+            except Exception:  # noqa: BLE001 - never half-written (atomic), but be lenient while polling
+                epoch = 0
+            if epoch >= 2:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None and epoch >= 2, "the stage finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (b / "runs" / "teacher" / "model.pt").exists()  # nothing half-written as an out
+
+    dvc(b, "repro", "train_teacher")
+    info = json.loads((b / "runs" / "teacher" / "train.json").read_text())
+    assert info["resumed_from_epoch"] >= 2
+    sa, sb = _state_dict(a / "runs/teacher/model.pt"), _state_dict(b / "runs/teacher/model.pt")
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (a / "runs/teacher/model.pt").read_bytes() == (b / "runs/teacher/model.pt").read_bytes()
+    ta = json.loads((a / "runs/teacher/train.json").read_text())["final"]
+    assert ta == info["final"]
