@@ -17,9 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.models.base import ModelOutput
+
 
 class MethodSetupError(ValueError):
     """A method cannot work with the given models; the message names method, models and what is missing."""
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Put ``module`` in eval mode and stop its gradients (a frozen teacher, an anchor network)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,7 @@ class Phase:
     and is checkpointed/resumed like any run; ``task`` shares modules with the main task."""
 
     name: str
-    task: "Distiller"
+    task: Distiller
     epochs: int
     lr: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -63,9 +73,7 @@ class Distiller(nn.Module):
         self.student = student
         self.teacher = teacher
         if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+            freeze(teacher)
         self.epoch = 0
         self.num_epochs = 1
 
@@ -101,10 +109,13 @@ class Distiller(nn.Module):
         """State-dict prefixes that are not trained and not checkpointed."""
         return ("teacher.",) if self.teacher is not None else ()
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
+        """Train mode for the trained networks; frozen children (``frozen_prefixes``) stay in eval mode."""
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        frozen = self.frozen_prefixes()
+        for name, child in self.named_children():
+            if f"{name}." in frozen:
+                child.eval()
         return self
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
@@ -129,6 +140,12 @@ class Distiller(nn.Module):
         """Teacher logits, without building a graph."""
         assert self.teacher is not None
         return self.teacher(images)
+
+    @torch.no_grad()
+    def teacher_features(self, images: Tensor) -> ModelOutput:
+        """The teacher's full feature output (stages, pre-activations, embedding), without building a graph."""
+        assert self.teacher is not None
+        return self.teacher.forward_features(images)
 
 
 class Vanilla(Distiller):

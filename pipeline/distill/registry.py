@@ -23,7 +23,23 @@ class MethodSpec:
 
 
 METHOD_REGISTRY: dict[str, MethodSpec] = {}
-_MODULES = ("pipeline.distill.offline.kd",)
+_MODULES = (
+    "pipeline.distill.offline.kd",
+    "pipeline.distill.offline.fitnets",
+    "pipeline.distill.offline.at",
+    "pipeline.distill.offline.ab",
+    "pipeline.distill.offline.rkd",
+    "pipeline.distill.offline.crd",
+    "pipeline.distill.offline.dkd",
+    "pipeline.distill.offline.reviewkd",
+    "pipeline.distill.offline.sskd",
+    "pipeline.distill.offline.rco",
+    "pipeline.distill.offline.eskd",
+    "pipeline.distill.online.dml",
+    "pipeline.distill.online.one",
+    "pipeline.distill.online.okddip",
+    "pipeline.distill.online.ekd",
+)
 
 
 def register_method(name: str, params: type[BaseModel], offline: bool = True) -> Callable[[type[Distiller]], type[Distiller]]:
