@@ -36,9 +36,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    runs = 1 + len(p.students) * (1 + len(p.distill.methods))
+    runs = 1 + len(p.students) * (1 + len(p.distill.methods) + len(p.online.methods))
     print(f"{args.params}: ok ({p.data.name}, teacher {p.teacher.model}, students {', '.join(p.students)}, "
-          f"methods {', '.join(p.distill.methods)}; {runs} training runs)")
+          f"methods {', '.join(p.distill.methods)}, online {', '.join(p.online.methods) or 'none'}; {runs} training runs)")
     return 0
 
 

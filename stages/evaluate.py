@@ -7,7 +7,7 @@ from stages._common import run_stage
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--role", choices=["teacher", "baseline", "distill"], required=True)
+    ap.add_argument("--role", choices=["teacher", "baseline", "distill", "online"], required=True)
     ap.add_argument("--student")
     ap.add_argument("--method")
     args = ap.parse_args()
