@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from pipeline import __version__
-from pipeline.config import Params, TrainConfig
+from pipeline.config import ONLINE_METHODS, ConfigError, Params, TrainConfig
 from pipeline.data import DataSplits, build_data
 from pipeline.distill import MethodContext, Vanilla, build_method
+from pipeline.distill.online.common import OnlineDistiller, ensemble_metrics, load_ensemble, save_ensemble
 from pipeline.engine.atomic import atomic_dir, atomic_write_json
 from pipeline.engine.checkpoint import load_model_file, save_model_file
 from pipeline.engine.evaluation import classification_metrics, predict
@@ -40,9 +42,14 @@ STATE_ROOT = Path(".kdpipe") / "state"
 
 @dataclass(frozen=True)
 class RunId:
-    """Which run: the teacher, a student alone (baseline) or a student distilled by a method."""
+    """Which run: the teacher, a student alone (baseline) or a student distilled by a method.
 
-    role: str  # "teacher" | "baseline" | "distill"
+    ``distill`` runs an offline method (frozen teacher), ``online`` an online one (networks
+    trained together from scratch, no teacher stage); both are keyed ``<method>/<student>``
+    (method names are unique across both kinds).
+    """
+
+    role: str  # "teacher" | "baseline" | "distill" | "online"
     student: str | None = None
     method: str | None = None
 
@@ -108,9 +115,20 @@ def _plan(params: Params, run: RunId, root: Path) -> tuple[str, TrainConfig, dic
             extra["method"] = run.method
             extra["method_params"] = getattr(params.distill, str(run.method)).model_dump(mode="json")
             extra["teacher_sha256"] = file_sha256(RunId("teacher").out_dir(root) / "model.pt")
+        if run.role == "online":
+            extra["method"] = run.method
+            extra["method_params"] = online_method_params(params, str(run.method)).model_dump(mode="json")
+            extra["teacher_arch"] = params.teacher.model  # EKD's evolving teacher defaults to it
     fp = {"run": run.key, "arch": arch, "seed": params.seed, "data": params.data.model_dump(mode="json"),
           "train": cfg.model_dump(mode="json"), **extra}
     return arch, cfg, fp
+
+
+def online_method_params(params: Params, method: str) -> BaseModel:
+    """The ``online.<method>`` params section; a ConfigError for a method that is not online."""
+    if method not in ONLINE_METHODS:
+        raise ConfigError(f"{method!r} is not an online method; allowed: {', '.join(ONLINE_METHODS)}")
+    return getattr(params.online, method)
 
 
 def load_teacher(root: Path, data: DataSplits) -> torch.nn.Module:
@@ -136,6 +154,12 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
             teacher_arch=params.teacher.model, teacher_dir=RunId("teacher").out_dir(root),
         )
         task = build_method(str(run.method), model, teacher, method_params, ctx)
+    elif run.role == "online":
+        ctx = MethodContext(
+            student_arch=arch, num_classes=data.num_classes, in_channels=data.in_channels,
+            image_size=data.image_size, num_train=len(data.train), epochs=cfg.epochs, teacher_arch=params.teacher.model,
+        )
+        task = build_method(str(run.method), model, None, online_method_params(params, str(run.method)), ctx)
     else:
         task = Vanilla(model)
     state_dir = root / STATE_ROOT / run.key
@@ -166,6 +190,8 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
                                                "resumed_from_epoch": result.resumed_from,
                                                "seconds": round(result.seconds, 2), "meta": meta,
                                                "method_facts": facts})
+        if isinstance(task, OnlineDistiller):  # every trained network, for the ensemble's test score
+            save_ensemble(tmp / "ensemble.pt", task, meta)
     with atomic_dir(run.live_dir(root)) as tmp:
         shutil.copytree(spec.state_dir / "live", tmp, dirs_exist_ok=True)
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -180,7 +206,7 @@ def evaluate(params: Params, run: RunId, root: Path = Path(".")) -> dict[str, An
     bs = params.evaluate.batch_size
     logits, labels = predict(model, data.test, bs)
     teacher_logits = None
-    if run.role != "teacher":
+    if run.role in ("baseline", "distill"):  # an online run has no teacher: it is compared with its ensemble
         teacher_logits = predict(load_teacher(root, data), data.test, bs)[0]["model"]
     m = classification_metrics(logits["model"], labels, data.num_classes, teacher_logits, params.evaluate.ece_bins)
     names = list(data.class_names)
@@ -195,6 +221,9 @@ def evaluate(params: Params, run: RunId, root: Path = Path(".")) -> dict[str, An
         "checkpoint_bytes": model_path.stat().st_size,
         "test_samples": len(labels),
     }
+    if run.role == "online":
+        ensemble = load_ensemble(run.out_dir(root) / "ensemble.pt")
+        metrics.update(ensemble_metrics(ensemble, data.test, logits["model"], bs))
     atomic_write_json(run.plot_file(root, "confusion"), confusion_rows)
     atomic_write_json(run.plot_file(root, "per_class"), per_class)
     atomic_write_json(run.metrics_file(root), metrics)

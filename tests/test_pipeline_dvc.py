@@ -63,7 +63,7 @@ def test_changing_one_student_reruns_only_its_stages(workspace: Path):
     params["students"]["resnet8"]["train"]["epochs"] = 2
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(subprocess.run(["dvc", "status", "--json"], cwd=ws, capture_output=True, text=True).stdout)
-    assert set(status) == {"train_student@resnet8", "distill@resnet8-kd"}
+    assert set(status) == {"train_student@resnet8", "distill@resnet8-kd", "online@resnet8-dml", "online@resnet8-one"}
     subprocess.run(["git", "checkout", "params.yaml"], cwd=ws, check=True)
 
 

@@ -1,0 +1,154 @@
+"""Classify images with this bundle's model: ``python run.py IMAGE`` or ``python run.py FOLDER``.
+
+One image: prints the top-k classes (default 5) with their softmax scores. A folder:
+every image file in it (recursively, sorted) becomes one CSV row (``file``, the top-k
+classes and scores, ``error``), written to stdout or ``--out FILE``; unreadable files
+get their error in the row and the exit status is 1.
+
+Images are converted and resized exactly as ``preprocessing.json`` says (Pillow mode,
+scale, bilinear resize in float, per-channel normalisation), so an image of another
+size or mode is accepted and converted, never rejected. Needs numpy, onnxruntime and
+Pillow only. ``--model`` must name a file inside this bundle (a bare name such as
+``model_fp16.onnx`` is looked up here); the file must match the sha256 in
+``bundle.json`` unless ``--no-verify`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from edge_preprocessing import preprocess_image
+from edge_runtime import (
+    IMAGE_SUFFIXES,
+    EdgeError,
+    check_model_file,
+    load_image,
+    open_session,
+    resolve_inside,
+    run_session,
+    softmax,
+)
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_manifest() -> dict:
+    """The bundle manifest ``bundle.json`` beside this script."""
+    try:
+        return json.loads((HERE / "bundle.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EdgeError(f"cannot read the bundle manifest {HERE / 'bundle.json'}: {err}") from None
+
+
+def pick_model(manifest: dict, model: str | None, variant: str | None, verify: bool) -> Path:
+    """The model file to run: ``--model`` (inside the bundle), ``--variant``, or the bundle's default variant."""
+    models = manifest.get("models", {})
+    if model is not None:
+        path = resolve_inside(model, HERE)
+        known = {m["file"]: m for m in models.values()}
+        expected = known.get(path.name, {}).get("sha256") if path.parent == HERE else None
+        if verify and expected is None:
+            raise EdgeError(f"{path.name} is not one of this bundle's models ({', '.join(sorted(known))}); "
+                            "pass --no-verify to run it anyway")
+        return check_model_file(path, expected if verify else None)
+    name = variant or manifest.get("default_variant", "fp32")
+    if name not in models:
+        raise EdgeError(f"variant {name!r} is not in this bundle; available: {', '.join(sorted(models))}")
+    entry = models[name]
+    return check_model_file(resolve_inside(entry["file"], HERE), entry.get("sha256") if verify else None)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (by suffix, recursive, hidden entries skipped), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def top_k(scores: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
+    """The ``k`` best (class name, score) pairs of one score row, best first."""
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(names[i] if i < len(names) else str(i), float(scores[i])) for i in order]
+
+
+def classify(sess, spec: dict, paths: list[Path], batch_size: int) -> list[np.ndarray | EdgeError]:
+    """Softmax scores of each image (or the :class:`EdgeError` that stopped it), in order."""
+    results: list[np.ndarray | EdgeError] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        tensors: list[np.ndarray | EdgeError] = []
+        for p in chunk:
+            try:
+                tensors.append(preprocess_image(spec, load_image(p))[0])
+            except EdgeError as err:
+                tensors.append(err)
+            except (ValueError, OSError) as err:
+                tensors.append(EdgeError(f"cannot convert image {p}: {err}"))
+        good = [t for t in tensors if isinstance(t, np.ndarray)]
+        scores = iter(softmax(run_session(sess, np.stack(good))) if good else [])
+        results.extend(next(scores) if isinstance(t, np.ndarray) else t for t in tensors)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry; returns the exit status (0 ok, 1 some images failed, 2 unusable input)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("input", help="an image file or a folder of images")
+    ap.add_argument("--model", help="an ONNX file inside this bundle (default: the bundle's default variant)")
+    ap.add_argument("--variant", help="fp32, fp16 or int8 (as listed in bundle.json)")
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per inference call for a folder")
+    ap.add_argument("--out", help="CSV file for a folder run (default: stdout)")
+    ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check against bundle.json")
+    args = ap.parse_args(argv)
+    try:
+        manifest = read_manifest()
+        spec = json.loads((HERE / manifest.get("preprocessing", "preprocessing.json")).read_text(encoding="utf-8"))
+        names = list(manifest.get("class_names", []))
+        model = pick_model(manifest, args.model, args.variant, not args.no_verify)
+        sess = open_session(model, threads=args.threads)
+        k = max(1, min(args.top_k, len(names) or args.top_k))
+        target = Path(args.input)
+        if target.is_dir():
+            files = image_files(target)
+            if not files:
+                raise EdgeError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {target}")
+            results = classify(sess, spec, files, max(1, args.batch_size))
+            header = ["file"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("class", "score")] + ["error"]
+            fh = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
+            try:
+                writer = csv.writer(fh)
+                writer.writerow(header)
+                for path, res in zip(files, results):  # noqa: B905 - same length; Python 3.9 devices
+                    rel = path.relative_to(target).as_posix()
+                    if isinstance(res, EdgeError):
+                        writer.writerow([rel] + [""] * (2 * k) + [str(res)])
+                    else:
+                        writer.writerow([rel] + [v for c, s in top_k(res, names, k) for v in (c, f"{s:.6f}")] + [""])
+            finally:
+                if fh is not sys.stdout:
+                    fh.close()
+            failed = sum(isinstance(r, EdgeError) for r in results)
+            if failed:
+                print(f"run.py: {failed} of {len(files)} image(s) could not be read (see the error column)",
+                      file=sys.stderr)
+            return 1 if failed else 0
+        (res,) = classify(sess, spec, [target], 1)
+        if isinstance(res, EdgeError):
+            raise res
+        print(f"{target}  (model {model.name})")
+        for rank, (cls, score) in enumerate(top_k(res, names, k), start=1):
+            print(f"{rank:2d}. {cls:<24s} {score:.4f}")
+        return 0
+    except EdgeError as err:
+        print(f"run.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""ONNX export through the dynamo exporter, with metadata and a parity check against PyTorch.
+
+:func:`export_onnx` exports one network with a symbolic batch dimension (the example
+batch is >= 2 so the exporter cannot specialise it to 1), one self-contained file
+(external data only past the 2 GB protobuf limit), checks it with ``onnx.checker`` and
+writes kdpipe metadata into ``metadata_props``: class names, input shape,
+normalisation, the preprocessing spec, the SHA-256 of the source checkpoint and of
+the params the export depends on.
+
+:func:`check_parity` runs the ONNX file with onnxruntime on the real test images and
+compares with PyTorch: max |Δlogit| must be <= the tolerance and the top-1 class the
+same on every image; otherwise :class:`~pipeline.deploy.artifacts.ParityError` names
+the worst image and its difference. :func:`export_all` is the ``export`` stage.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import __version__
+from pipeline.deploy.artifacts import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    DeployError,
+    ParityError,
+    deployable_runs,
+    onnx_dir,
+    params_sha256,
+    report_file,
+    split_arrays,
+)
+from pipeline.deploy.edge.edge_runtime import EdgeError, open_session, run_session
+from pipeline.deploy.metadata import model_metadata, set_metadata
+
+#: Protobuf's hard limit; bigger models need external data files.
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+def _quiet_export(*args: Any, **kwargs: Any) -> Any:
+    """``torch.onnx.export`` without its progress prints and deprecation chatter."""
+    import contextlib
+    import io
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(*args, **kwargs)
+
+
+def export_onnx(
+    model: nn.Module,
+    out: Path,
+    *,
+    in_channels: int,
+    image_size: int,
+    opset: int,
+    example_batch: int = 2,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Export ``model`` to ``out`` (dynamic batch, opset ``opset``), check it, add ``metadata``.
+
+    The caller provides atomicity (the export stage builds its whole out folder in a
+    temp directory); external data files are written beside ``out`` only for models
+    past the 2 GB protobuf limit.
+    """
+    import onnx
+
+    if example_batch < 2:
+        raise DeployError(f"export needs an example batch of at least 2 (got {example_batch}) to keep the batch dynamic")
+    model = model.eval()
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(example_batch, in_channels, image_size, image_size, generator=gen)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = _quiet_export(model, (example,), None, dynamo=True, opset_version=int(opset),
+                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                dynamic_shapes=({0: batch},), external_data=False, optimize=True, verbose=False)
+    except Exception as err:  # the exporter raises many internal types; name the model and the first line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DeployError(f"ONNX export of {type(model).__name__} failed: {first}") from err
+    if program is None:
+        raise DeployError("torch.onnx.export returned no program (dynamo exporter unavailable?)")
+    proto = program.model_proto
+    set_metadata(proto, dict(metadata or {}))
+    proto.producer_name, proto.producer_version = "kdpipe", __version__
+    out.parent.mkdir(parents=True, exist_ok=True)
+    weight_bytes = sum(len(t.raw_data) or 4 * max(1, len(t.float_data)) for t in proto.graph.initializer)
+    if weight_bytes >= PROTOBUF_LIMIT - (64 << 20):  # leave room for the graph itself
+        onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data")
+    else:
+        onnx.save_model(proto, str(out))
+    try:
+        onnx.checker.check_model(str(out), full_check=True)
+    except Exception as err:  # onnx.checker.ValidationError and shape-inference errors
+        raise DeployError(f"onnx.checker rejects {out}: {(str(err).strip().splitlines() or [''])[0]}") from None
+    return out
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """PyTorch FP32 logits of ``images`` in eval mode, in order."""
+    model = model.eval()
+    outs = [model(torch.from_numpy(images[i:i + batch_size])).float().numpy()
+            for i in range(0, len(images), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
+
+
+def onnx_logits(path: Path, images: np.ndarray, batch_size: int = 256, threads: int = 0) -> np.ndarray:
+    """onnxruntime (CPU) logits of ``images`` for one ONNX file, in order."""
+    try:
+        sess = open_session(path, threads=threads)
+        outs = [run_session(sess, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    except EdgeError as err:
+        raise DeployError(str(err)) from None
+    return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share (%) of rows whose label is among the ``k`` largest logits (k capped at the class count)."""
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
+    return float(100.0 * (top == labels[:, None]).any(axis=1).mean())
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray, atol: float, label: str) -> dict[str, Any]:
+    """Parity of two logit arrays: the figures, or a :class:`ParityError` naming the worst image.
+
+    Fails when any |difference| exceeds ``atol`` or any image's top-1 class differs.
+    """
+    if reference.shape != candidate.shape:
+        raise ParityError(f"{label}: ONNX output shape {candidate.shape} differs from PyTorch's {reference.shape}")
+    if reference.size == 0:
+        raise ParityError(f"{label}: no test images to check parity on")
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    per_image = diff.max(axis=1)
+    worst = int(per_image.argmax())
+    max_diff = float(per_image[worst])
+    top_ref, top_cand = reference.argmax(1), candidate.argmax(1)
+    flipped = np.flatnonzero(top_ref != top_cand)
+    figures = {"images": int(len(reference)), "max_abs_diff": max_diff, "mean_abs_diff": float(diff.mean()),
+               "worst_index": worst, "top1_mismatches": int(flipped.size), "atol": float(atol)}
+    if not np.isfinite(max_diff) or max_diff > atol or flipped.size:
+        parts = [f"max |Δlogit| = {max_diff:.3g} (tolerance {atol:g}) at test image {worst}"]
+        if flipped.size:
+            parts.append(f"top-1 differs on {flipped.size} image(s), first at test image {int(flipped[0])} "
+                         f"(PyTorch class {int(top_ref[flipped[0]])}, ONNX class {int(top_cand[flipped[0]])})")
+        raise ParityError(f"{label}: ONNX Runtime does not reproduce PyTorch on the test split: " + "; ".join(parts))
+    return figures
+
+
+def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: float, label: str,
+                 batch_size: int = 256) -> dict[str, Any]:
+    """Run both PyTorch and onnxruntime on ``images``; the parity figures or a :class:`ParityError`."""
+    return compare_logits(torch_logits(model, images, batch_size), onnx_logits(onnx_path, images, batch_size),
+                          atol, label)
+
+
+def export_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
+    """The ``export`` stage: every deployable run to ONNX, parity-checked; writes ``exports/onnx`` and the report."""
+    from pipeline.data import build_data, preprocessing_spec
+    from pipeline.engine.atomic import atomic_dir, atomic_write_json
+    from pipeline.engine.checkpoint import load_model_file
+    from pipeline.runs import file_sha256
+
+    cfg = params.export
+    data = build_data(params.data, params.seed)
+    images, labels = split_arrays(data.test)
+    spec = preprocessing_spec(data)
+    phash = params_sha256(params, ("seed", "data", "export"))
+    report: dict[str, Any] = {}
+    with atomic_dir(onnx_dir(root)) as tmp:
+        for dep in deployable_runs(params):
+            src = dep.model_file(root)
+            model, info = load_model_file(src, expect_classes=data.num_classes)
+            meta = model_metadata(run=dep.key, arch=info["arch"], role=dep.role, class_names=list(data.class_names),
+                                  in_channels=data.in_channels, image_size=data.image_size, preprocessing=spec,
+                                  source_sha256=file_sha256(src), params_hash=phash, opset=cfg.opset,
+                                  extra={"train_params_sha256": info.get("params_sha256", "")})
+            out = export_onnx(model, tmp / dep.key / "model.onnx", in_channels=data.in_channels,
+                              image_size=data.image_size, opset=cfg.opset, example_batch=cfg.example_batch,
+                              metadata=meta)
+            ref = torch_logits(model, images, cfg.batch_size)
+            got = onnx_logits(out, images, cfg.batch_size)
+            figures = compare_logits(ref, got, cfg.parity_atol, f"parity of {dep.key} ({src})")
+            report[dep.key] = {"role": dep.role, "arch": info["arch"], "student": dep.student, "method": dep.method,
+                               "bundle": dep.bundle_name, "parity": figures,
+                               "top1": round(topk_accuracy(got, labels, 1), 4),
+                               "top5": round(topk_accuracy(got, labels, 5), 4),
+                               "bytes": out.stat().st_size, "opset": cfg.opset}
+    atomic_write_json(report_file(root, "export"), {"models": report, "test_images": int(len(labels))})
+    return report
+

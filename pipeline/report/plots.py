@@ -1,0 +1,83 @@
+"""``reports/pareto.png``: accuracy against latency, one panel per device profile, Pareto front drawn.
+
+Each point is one deployed file (model x precision); colour is the precision, marker
+the role. The front (no other point both faster and more accurate) is drawn as a
+step line, its points numbered and named in a box, and the profile's latency budget
+as a dashed line. Matplotlib runs on the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.report.results import label, pareto_front, row_latency
+
+COLOURS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "int8": "#d62728"}
+MARKERS = {"teacher": "*", "baseline": "o", "distilled": "D", "online": "s"}
+
+
+def pareto_plot(rows: Sequence[dict[str, Any]], profiles: Sequence[dict[str, Any]], statistic: str, out: Path,
+                dpi: int = 120) -> Path:
+    """Draw the accuracy/latency plot of ``rows`` for every profile and write it atomically to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    from pipeline.engine.atomic import atomic_write
+
+    n = max(1, len(profiles))
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.6), squeeze=False)
+    for ax, prof in zip(axes[0], profiles, strict=True):
+        name = prof["name"]
+        pts = [(r, row_latency(r, name, statistic)) for r in rows]
+        pts = [(r, lat) for r, lat in pts if lat is not None]
+        ax.set_title(f"{name} ({prof.get('threads') or 'all'} thread(s), batch {prof.get('batch_sizes', [1])[0]})")
+        ax.set_xlabel(f"{statistic} latency (ms, log scale)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        if not pts:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            continue
+        for r, lat in pts:
+            ax.scatter(lat, r["top1"], c=COLOURS.get(r["precision"], "grey"), marker=MARKERS.get(r["role"], "o"),
+                       s=90 if r["role"] == "teacher" else 45, alpha=0.85, edgecolors="black", linewidths=0.4,
+                       zorder=3)
+        front = pareto_front([(lat, r["top1"]) for r, lat in pts])
+        fx = [pts[i][1] for i in front]
+        fy = [pts[i][0]["top1"] for i in front]
+        ax.step(fx, fy, where="post", color="black", lw=1.2, alpha=0.7, zorder=2, label="Pareto front")
+        # Number the front's points and name them in a box: labels beside clustered points would collide.
+        names = []
+        for k, i in enumerate(front, start=1):
+            r, lat = pts[i]
+            ax.annotate(str(k), (lat, r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                        fontweight="bold", zorder=4)
+            names.append(f"{k}. {label(r)}  ({lat:.3g} ms, {r['top1']:.2f}%)")
+        ax.text(0.98, 0.03, "Pareto front\n" + "\n".join(names), transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=7, family="monospace", multialignment="left", bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9},
+                zorder=5)
+        budget = prof.get("latency_budget_ms")
+        if budget is not None:
+            ax.axvline(budget, color="grey", ls="--", lw=1, label=f"budget {budget:g} ms")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = min(fy + [r["top1"] for r, _ in pts]), max(r["top1"] for r, _ in pts)
+        ax.set_ylim(lo - max(1.0, 0.15 * (hi - lo)), hi + max(0.5, 0.05 * (hi - lo)))
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=p) for p, c in COLOURS.items()]
+    handles += [Line2D([], [], color="grey", marker=m, ls="", label=r) for r, m in MARKERS.items()]
+    handles += [Line2D([], [], color="black", label="Pareto front"),
+                Line2D([], [], color="grey", ls="--", label="latency budget")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle("Accuracy against latency of every deployed model (upper left is better)")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write(out, lambda fh: fh.write(buf.getvalue()))

@@ -1,0 +1,224 @@
+"""One row per deployed model x variant, the Pareto front, the pick under each latency budget.
+
+Inputs (written by earlier stages): ``reports/export.json`` (which models, roles,
+parity), ``reports/quantize.json`` (top-1/top-5 and size of every ONNX file, run by
+onnxruntime on the test split), ``reports/benchmark.json`` (latency per device
+profile) and ``metrics/<run>.json`` (parameters and MACs from the evaluate stage).
+Outputs: ``reports/results.json``, ``reports/results.md`` and (via
+:mod:`pipeline.report.plots`) ``reports/pareto.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROLE_ORDER = {"teacher": 0, "baseline": 1, "distilled": 2, "online": 3}
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+
+
+def _read(path: Path, stage: str) -> Any:
+    from pipeline.deploy.artifacts import read_json
+
+    return read_json(path, stage)
+
+
+def build_rows(export: dict[str, Any], quantize: dict[str, Any], benchmark: dict[str, Any] | None,
+               metrics: dict[str, dict[str, Any]], profiles: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join the stage reports into rows (one per model x variant), teacher first, then by student and role."""
+    rows: list[dict[str, Any]] = []
+    bench_models = (benchmark or {}).get("models", {})
+    for key, ex in export["models"].items():
+        acc = quantize["models"].get(key, {})
+        m = metrics.get(key, {})
+        for precision in ("fp32", "fp16", "int8"):
+            if precision not in acc:
+                continue
+            b = bench_models.get(key, {}).get(precision, {})
+            latency = {}
+            for prof in profiles:
+                h = (b.get("headline") or {}).get(prof["name"])
+                latency[prof["name"]] = h
+            rows.append({
+                "run": key, "bundle": ex.get("bundle"), "role": ex["role"], "student": ex.get("student"),
+                "method": ex.get("method"), "arch": ex.get("arch"), "precision": precision,
+                "top1": acc[precision]["top1"], "top5": acc[precision]["top5"],
+                "params": m.get("params"), "macs": m.get("macs"), "bytes": acc[precision]["bytes"],
+                "peak_rss_mb": b.get("peak_rss_mb"), "latency": latency,
+            })
+    rows.sort(key=lambda r: (ROLE_ORDER.get(r["role"], 9) > 0, str(r["student"]), ROLE_ORDER.get(r["role"], 9),
+                             str(r["method"]), PRECISION_ORDER[r["precision"]]))
+    return rows
+
+
+def row_latency(row: dict[str, Any], profile: str, statistic: str = "p50") -> float | None:
+    """A row's latency (ms) under ``profile`` for ``statistic`` (p50/p90/p99), or None if not measured."""
+    h = (row.get("latency") or {}).get(profile)
+    value = h.get(f"{statistic}_ms") if h else None
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (lower latency, higher accuracy), ordered by latency.
+
+    A point is on the front when no other point is at least as fast and at least as
+    accurate while strictly better in one of the two. Of exact duplicates the first is kept.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    front: list[int] = []
+    best = -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def best_under_budget(rows: Sequence[dict[str, Any]], profile: str, budget_ms: float,
+                      statistic: str = "p50") -> dict[str, Any] | None:
+    """The most accurate row whose latency meets ``budget_ms`` (ties: faster, then smaller); None if none does."""
+    ok = [r for r in rows if (lat := row_latency(r, profile, statistic)) is not None and lat <= budget_ms]
+    if not ok:
+        return None
+    return min(ok, key=lambda r: (-r["top1"], row_latency(r, profile, statistic), r["bytes"]))
+
+
+def label(row: dict[str, Any]) -> str:
+    """Short name of a row: ``<student>/<method or baseline> <precision>`` (``teacher <arch>`` for the teacher)."""
+    who = f"teacher {row['arch']}" if row["role"] == "teacher" else (
+        f"{row['student']}/{'baseline' if row['role'] == 'baseline' else row['method']}")
+    return f"{who} {row['precision']}"
+
+
+def summarize(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]], statistic: str) -> dict[str, Any]:
+    """Pareto front and budget pick per profile."""
+    out: dict[str, Any] = {}
+    for prof in profiles:
+        name = prof["name"]
+        measured = [(i, row_latency(r, name, statistic)) for i, r in enumerate(rows)]
+        measured = [(i, lat) for i, lat in measured if lat is not None]
+        front = pareto_front([(lat, rows[i]["top1"]) for i, lat in measured])
+        budget = prof.get("latency_budget_ms")
+        pick = best_under_budget(rows, name, budget, statistic) if budget is not None else None
+        out[name] = {
+            "statistic": statistic,
+            "pareto_front": [label(rows[measured[j][0]]) for j in front],
+            "budget_ms": budget,
+            "pick": None if pick is None else {"model": label(pick), "run": pick["run"], "precision": pick["precision"],
+                                               "bundle": pick["bundle"], "top1": pick["top1"],
+                                               "latency_ms": row_latency(pick, name, statistic)},
+        }
+    return out
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "–"
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequence[dict[str, Any]],
+             export: dict[str, Any], quantize: dict[str, Any], benchmark: dict[str, Any] | None,
+             tensorrt: dict[str, Any] | None, statistic: str) -> str:
+    """``reports/results.md``: the rows as a table, the budget picks, INT8 drop, parity, eager reference."""
+    names = [p["name"] for p in profiles]
+    env = (benchmark or {}).get("environment", {})
+    out = ["# Deployment results", ""]
+    if env:
+        out += [f"Measured on {env.get('cpu')} ({env.get('logical_cores')} logical cores, AVX-512 VNNI: "
+                f"{'yes' if env.get('avx512_vnni') else 'no'}), onnxruntime {env.get('onnxruntime')}, "
+                "intra-op spinning off, warm-up excluded. Accuracy is each ONNX file's own, run by onnxruntime on "
+                f"the test split ({quantize.get('test_images', '?')} images).", ""]
+    head = ["model", "role", "precision", "top-1 %", "top-5 %", "params", "MMACs", "KiB"]
+    for n in names:
+        head += [f"{n} p50 ms", f"{n} p99 ms"]
+    out += ["## Models", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r['run']}`", r["role"], r["precision"], _fmt(r["top1"]), _fmt(r["top5"]),
+                 _fmt(r["params"], ","), _fmt(None if r["macs"] is None else r["macs"] / 1e6, ".3f"),
+                 _fmt(r["bytes"] / 1024, ".1f")]
+        for n in names:
+            cells += [_fmt(row_latency(r, n, "p50"), ".3f"), _fmt(row_latency(r, n, "p99"), ".3f")]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", f"## Best model under each profile's latency budget ({statistic})", "",
+            "| profile | budget ms | pick | top-1 % | latency ms | Pareto front (fastest first) |", "|---|---|---|---|---|---|"]
+    for n in names:
+        s = summary[n]
+        pick = s["pick"]
+        out.append(f"| {n} | {_fmt(s['budget_ms'], 'g')} | {pick['model'] if pick else 'none meets the budget'} | "
+                   f"{_fmt(pick['top1']) if pick else '–'} | {_fmt(pick['latency_ms'], '.3f') if pick else '–'} | "
+                   f"{', '.join(s['pareto_front']) or '–'} |")
+    out += ["", "## INT8 against FP32 (top-1 %)", "",
+            "| model | FP32 | FP16 | INT8 | INT8 drop (points) | within budget | INT8 for TensorRT (symmetric) |",
+            "|---|---|---|---|---|---|---|"]
+    for key, acc in quantize["models"].items():
+        out.append(f"| `{key}` | {_fmt(acc['fp32']['top1'])} | {_fmt(acc.get('fp16', {}).get('top1'))} | "
+                   f"{_fmt(acc.get('int8', {}).get('top1'))} | {_fmt(acc.get('int8_top1_drop'))} | "
+                   f"{_fmt(acc.get('int8_within_budget'))} | {_fmt(acc.get('int8_trt', {}).get('top1'))} |")
+    recipe = quantize.get("recipe", {})
+    if recipe:
+        out += ["", f"INT8: QDQ, {recipe.get('calibration_method')} calibration on {recipe.get('calibration_samples')} "
+                f"training images, per-channel weights: {recipe.get('per_channel')}, activations "
+                f"{recipe.get('activation_type')}."]
+    out += ["", "## ONNX export parity with PyTorch (FP32, whole test split)", "",
+            "| model | max abs diff | worst image | top-1 mismatches |", "|---|---|---|---|"]
+    for key, ex in export["models"].items():
+        p = ex["parity"]
+        out.append(f"| `{key}` | {p['max_abs_diff']:.2e} | {p['worst_index']} | {p['top1_mismatches']} |")
+    bench_models = (benchmark or {}).get("models", {})
+    if any("torch" in v for v in bench_models.values()):
+        out += ["", "## PyTorch eager FP32 reference (same run)", "",
+                "| model | profile | eager p50 ms | ONNX FP32 p50 ms | ONNX/eager | INT8 p50 ms |", "|---|---|---|---|---|---|"]
+        for key, entry in bench_models.items():
+            for n in names:
+                t = ((entry.get("torch") or {}).get("headline") or {}).get(n)
+                f = ((entry.get("fp32") or {}).get("headline") or {}).get(n)
+                q = ((entry.get("int8") or {}).get("headline") or {}).get(n)
+                if not t:
+                    continue
+                ratio = f["p50_ms"] / t["p50_ms"] if f and t["p50_ms"] else None
+                out.append(f"| `{key}` | {n} | {t['p50_ms']:.3f} | {_fmt(f and f['p50_ms'], '.3f')} | "
+                           f"{_fmt(ratio, '.2f')} | {_fmt(q and q['p50_ms'], '.3f')} |")
+    if tensorrt is not None:
+        status = tensorrt.get("status")
+        why = f": {tensorrt.get('reason')}" if tensorrt.get("reason") else ""
+        out += ["", "## TensorRT", "", f"Engine build: **{status}**{why}. Each bundle carries `build_engine.py` and "
+                "`build_engines.sh` (trtexec) to build engines on the target GPU."]
+    out += ["", "![accuracy against latency](pareto.png)", ""]
+    return "\n".join(out)
+
+
+def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
+    """The ``report`` stage: write ``reports/results.json``, ``results.md`` and ``pareto.png``."""
+    from pipeline.deploy.artifacts import REPORTS, report_file, tensorrt_dir
+    from pipeline.engine.atomic import atomic_write_json, atomic_write_text
+    from pipeline.report.plots import pareto_plot
+
+    export = _read(report_file(root, "export"), "export")
+    quantize = _read(report_file(root, "quantize"), "quantize")
+    benchmark = _read(report_file(root, "benchmark"), "benchmark")
+    trt_file = tensorrt_dir(root) / "status.json"
+    tensorrt = json.loads(trt_file.read_text()) if trt_file.is_file() else None
+    metrics: dict[str, dict[str, Any]] = {}
+    for key in export["models"]:
+        f = root / "metrics" / f"{key}.json"
+        if f.is_file():
+            metrics[key] = json.loads(f.read_text())
+    profiles = [p.model_dump(mode="json") for p in params.benchmark.profiles]
+    statistic = params.report.latency_statistic
+    rows = build_rows(export, quantize, benchmark, metrics, profiles)
+    summary = summarize(rows, profiles, statistic)
+    result = {"rows": rows, "profiles": summary, "statistic": statistic,
+              "environment": benchmark.get("environment", {}),
+              "tensorrt": None if tensorrt is None else {"status": tensorrt.get("status"),
+                                                         "reason": tensorrt.get("reason")}}
+    pareto_plot(rows, profiles, statistic, root / REPORTS / "pareto.png", dpi=params.report.plot_dpi)
+    atomic_write_text(root / REPORTS / "results.md",
+                      markdown(rows, summary, profiles, export, quantize, benchmark, tensorrt, statistic))
+    atomic_write_json(root / REPORTS / "results.json", result)
+    return result

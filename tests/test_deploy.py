@@ -1,0 +1,516 @@
+"""Deployment: export parity and metadata, INT8/FP16 scoring, TensorRT skip, bundles, hostile inputs, report.
+
+One small workspace (synthetic 8x8 RGB data, 6 classes, a teacher and one student
+trained for a few steps) runs every deploy step in-process; the bundle runner and
+benchmark then run in subprocesses that cannot import torch or this package.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import parse_params
+from pipeline.data import build_data, preprocess_image
+from pipeline.data.splits import split_pool
+from pipeline.data.synthetic import make_synthetic
+from pipeline.deploy import DeployError, ParityError
+from pipeline.deploy.artifacts import deployable_runs, report_file, split_arrays, tensorrt_dir, variant_file
+from pipeline.deploy.benchmark import benchmark_all
+from pipeline.deploy.bundle import bundle_all, safe_extract
+from pipeline.deploy.edge.edge_runtime import EdgeError, open_session, resolve_inside
+from pipeline.deploy.export import check_parity, export_all, export_onnx, onnx_logits, torch_logits
+from pipeline.deploy.metadata import read_metadata
+from pipeline.deploy.quantize import quantize_all, quantize_int8
+from pipeline.deploy.tensorrt_build import build_all
+from pipeline.engine.atomic import atomic_write_json
+from pipeline.engine.checkpoint import load_model_file, save_model_file
+from pipeline.models import build, count_parameters
+from pipeline.models.complexity import count_macs
+from pipeline.report.results import report_all
+from tests.conftest import REPO, tiny_params
+
+CLASSES = 6
+
+
+def deploy_params(**over: dict) -> dict:
+    """Tiny params plus small deploy sections (one fast benchmark profile)."""
+    p = tiny_params(
+        data={"name": "synthetic", "synthetic_samples": 240, "synthetic_classes": CLASSES, "synthetic_image_size": 8},
+        online={"methods": []},
+        quantize={"calibration_samples": 64},
+        benchmark={"warmup": 2, "iterations": 10, "max_seconds": 0.2, "variants": ["fp32", "int8"],
+                   "profiles": [{"name": "tiny-1core", "threads": 1, "batch_sizes": [1, 4], "latency_budget_ms": 50.0}]},
+        **over,
+    )
+    p["students"] = {"tinynet_xs": {}}
+    return p
+
+
+def quick_train(model: torch.nn.Module, dataset, steps: int = 60, seed: int = 0) -> torch.nn.Module:
+    """A few SGD steps: enough for accuracy well above chance on the synthetic gratings."""
+    torch.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    done = 0
+    while done < steps:
+        for x, y, _ in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            done += 1
+            if done >= steps:
+                break
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> tuple[Path, object]:
+    """A workspace with trained model files and every deploy step run once."""
+    root = tmp_path_factory.mktemp("deploy")
+    params = parse_params(deploy_params())
+    data = build_data(params.data, params.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets: one thread is fastest and kind to a shared machine
+    for i, dep in enumerate(deployable_runs(params)):
+        torch.manual_seed(i)
+        model = quick_train(build(dep.arch, data.num_classes, data.in_channels, data.image_size), data.train_eval,
+                            seed=i)
+        save_model_file(dep.model_file(root), model, dep.arch, data.num_classes, data.in_channels, data.image_size,
+                        {"params_sha256": "test"})
+        atomic_write_json(root / "metrics" / f"{dep.key}.json",
+                          {"params": count_parameters(model), "macs": count_macs(model, 3, 8)})
+    torch.set_num_threads(threads)
+    export_all(params, root)
+    quantize_all(params, root)
+    build_all(params, root)
+    bundle_all(params, root)
+    benchmark_all(params, root)
+    report_all(params, root)
+    return root, params
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_writes_checked_onnx_with_dynamic_batch_and_metadata(ws):
+    import onnx
+
+    root, params = ws
+    rep = json.loads(report_file(root, "export").read_text())
+    assert set(rep["models"]) == {"teacher", "baseline/tinynet_xs", "kd/tinynet_xs"}
+    path = variant_file(root, "kd/tinynet_xs", "fp32")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version == 18
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 8, 8]
+    meta = read_metadata(path)
+    assert meta["class_names"] == list(build_data(params.data, params.seed).class_names)
+    assert meta["input_shape"] == ["batch", 3, 8, 8]
+    assert len(meta["mean"]) == 3 and len(meta["std"]) == 3 and meta["preprocessing"]["mode"] == "RGB"
+    from pipeline.runs import file_sha256
+
+    assert meta["source_sha256"] == file_sha256(root / "runs/kd/tinynet_xs/model.pt")
+    assert len(meta["params_sha256"]) == 64
+    for key, m in rep["models"].items():
+        assert m["parity"]["max_abs_diff"] <= 1e-4 and m["parity"]["top1_mismatches"] == 0, key
+    # any batch size runs
+    sess = open_session(path)
+    for b in (1, 3, 17):
+        assert sess.run(None, {"input": np.zeros((b, 3, 8, 8), np.float32)})[0].shape == (b, CLASSES)
+
+
+def test_parity_failure_names_the_worst_image(ws, tmp_path):
+    root, params = ws
+    data = build_data(params.data, params.seed)
+    images, _ = split_arrays(data.test)
+    model, _ = load_model_file(root / "runs/baseline/tinynet_xs/model.pt")
+    out = export_onnx(model, tmp_path / "m.onnx", in_channels=3, image_size=8, opset=18)
+    assert check_parity(model, out, images, 1e-4, "ok")["max_abs_diff"] < 1e-4
+    with torch.no_grad():  # perturb one weight after export: PyTorch and ONNX now disagree
+        model.classifier.weight[2, :] += 0.5
+    diff = np.abs(torch_logits(model, images) - onnx_logits(out, images)).max(axis=1)
+    with pytest.raises(ParityError) as exc:
+        check_parity(model, out, images, 1e-4, "baseline/tinynet_xs")
+    msg = str(exc.value)
+    assert "baseline/tinynet_xs" in msg and f"at test image {int(diff.argmax())}" in msg
+    assert f"{diff.max():.3g}" in msg and "tolerance 0.0001" in msg
+
+
+def test_export_refuses_a_batch_of_one(tmp_path):
+    with pytest.raises(DeployError, match="at least 2"):
+        export_onnx(build("tinynet_xs", 4, 3, 8), tmp_path / "m.onnx", in_channels=3, image_size=8, opset=18,
+                    example_batch=1)
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def test_int8_and_fp16_are_scored_by_onnxruntime_on_the_test_split(ws):
+    root, params = ws
+    rep = json.loads(report_file(root, "quantize").read_text())
+    data = build_data(params.data, params.seed)
+    images, labels = split_arrays(data.test)
+    assert rep["test_images"] == len(labels)
+    for key, acc in rep["models"].items():
+        for variant in ("fp32", "fp16", "int8", "int8_trt"):
+            logits = onnx_logits(variant_file(root, key, variant), images)
+            assert acc[variant]["top1"] == pytest.approx(100 * (logits.argmax(1) == labels).mean(), abs=1e-3)
+        assert acc["fp32"]["top1"] > 100 / CLASSES + 20  # trained well above chance
+        assert abs(acc["fp32"]["top1"] - acc["int8"]["top1"]) <= 5.0
+        assert acc["int8"]["bytes"] < acc["fp32"]["bytes"] or acc["fp32"]["bytes"] < 40_000
+    import onnx
+
+    q = onnx.load(str(variant_file(root, "kd/tinynet_xs", "int8")))
+    ops = {n.op_type for n in q.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    weight_scales = [i for i in q.graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1]
+    assert weight_scales, "per-channel weight scales expected"
+    meta = read_metadata(variant_file(root, "kd/tinynet_xs", "int8"))
+    assert meta["precision"] == "int8" and meta["quantization"]["calibration_samples"] == 64
+    assert meta["quantization"]["activation_type"] == "uint8"  # onnxruntime's fast CPU form
+    trt = onnx.load(str(variant_file(root, "kd/tinynet_xs", "int8_trt")))
+    zero_points = [i for i in trt.graph.initializer if i.name.endswith("_zero_point")]
+    assert zero_points and all(i.data_type != onnx.TensorProto.UINT8 for i in zero_points)
+    assert all(not np.any(onnx.numpy_helper.to_array(i)) for i in zero_points)  # symmetric: what TensorRT reads
+    f16 = onnx.load(str(variant_file(root, "kd/tinynet_xs", "fp16")))
+    assert f16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # io kept float32
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in f16.graph.initializer)
+
+
+def test_empty_calibration_set_is_a_clear_error(ws, tmp_path):
+    root, _ = ws
+    with pytest.raises(DeployError, match="calibration set is empty"):
+        quantize_int8(variant_file(root, "kd/tinynet_xs", "fp32"), tmp_path / "q.onnx",
+                      np.zeros((0, 3, 8, 8), np.float32))
+    assert not (tmp_path / "q.onnx").exists()
+
+
+# --------------------------------------------------------------------------- tensorrt
+
+
+def test_tensorrt_stage_records_skipped_with_the_reason(ws):
+    root, _ = ws
+    status = json.loads((tensorrt_dir(root) / "status.json").read_text())
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = torch.cuda.is_available()
+    except Exception:
+        has_trt = False
+    if not has_trt:
+        assert status["status"] == "skipped" and status["engines"] == {}
+        assert "tensorrt" in status["reason"] or "GPU" in status["reason"]
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+def _blocking_env(tmp: Path) -> dict[str, str]:
+    """Environment whose interpreter fails on any import of torch or of this package."""
+    hook = tmp / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys
+
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "pipeline", "torchvision"):
+                    raise ImportError(f"{name} is blocked: the edge bundle must not need it")
+                return None
+
+        sys.meta_path.insert(0, _Block())
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONPATH"] = str(hook)
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def bundle_copy(ws, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The kd bundle, extracted from its archive into a fresh folder (what a device receives)."""
+    root, _ = ws
+    dest = tmp_path_factory.mktemp("device")
+    files = safe_extract(root / "bundles" / "tinynet_xs-kd.tar.gz", dest)
+    assert files
+    return dest / "tinynet_xs-kd", _blocking_env(dest)
+
+
+def test_bundle_layout_and_reproducible_archive(ws, tmp_path):
+    root, params = ws
+    names = sorted(p.name for p in (root / "bundles").iterdir())
+    assert names == ["teacher-tinynet_m", "teacher-tinynet_m.tar.gz", "tinynet_xs-baseline",
+                     "tinynet_xs-baseline.tar.gz", "tinynet_xs-kd", "tinynet_xs-kd.tar.gz"]
+    b = root / "bundles" / "tinynet_xs-kd"
+    for f in ("model_fp32.onnx", "model_fp16.onnx", "model_int8.onnx", "model_int8_trt.onnx", "labels.txt",
+              "preprocessing.json",
+              "bundle.json", "run.py", "bench.py", "edge_runtime.py", "edge_preprocessing.py", "build_engine.py",
+              "build_engines.sh", "README.md", "requirements.txt"):
+        assert (b / f).is_file(), f
+    manifest = json.loads((b / "bundle.json").read_text())
+    assert manifest["role"] == "distilled" and manifest["default_variant"] == "int8"
+    assert "--fp16" in " ".join(manifest["tensorrt"]["trtexec"]["10"])
+    assert "model_fp16.onnx" in " ".join(manifest["tensorrt"]["trtexec"]["11"])
+    assert "--fp16" not in " ".join(manifest["tensorrt"]["trtexec"]["11"])
+    assert "trtexec" in (b / "build_engines.sh").read_text()
+    from pipeline.deploy.bundle import pack
+
+    again = pack(b, tmp_path / "again.tar.gz")
+    assert again.read_bytes() == (root / "bundles" / "tinynet_xs-kd.tar.gz").read_bytes()
+    assert (b / "edge_preprocessing.py").read_text() == (REPO / "pipeline/data/preprocessing.py").read_text()
+
+
+def _test_images(params, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw uint8 test images [n, 8, 8, 3] (as files would hold them) and labels."""
+    pixels, labels = make_synthetic(params.data.synthetic_samples, CLASSES, 8, params.seed)
+    _, _, test = split_pool(labels, params.data.val_fraction, params.data.test_fraction, params.seed)
+    return pixels[test[:n]].transpose(0, 2, 3, 1), labels[test[:n]]
+
+
+def test_runner_prints_top5_without_torch_or_pipeline(ws, bundle_copy, tmp_path):
+    root, params = ws
+    bdir, env = bundle_copy
+    probe = _run(["-c", "import torch"], bdir, env)
+    assert probe.returncode != 0 and "blocked" in probe.stderr  # the hook works
+    raw, _ = _test_images(params, 1)
+    Image.fromarray(raw[0]).save(tmp_path / "img.png")
+    proc = _run(["run.py", str(tmp_path / "img.png")], bdir, env)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()[:2].strip().rstrip(".").isdigit()]
+    assert len(lines) == 5
+    scores = [float(ln.split()[-1]) for ln in lines]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+
+
+def test_runner_folder_csv_matches_the_test_split(ws, bundle_copy, tmp_path):
+    root, params = ws
+    bdir, env = bundle_copy
+    raw, _ = _test_images(params, 12)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(raw):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    proc = _run(["run.py", str(folder), "--variant", "fp32"], bdir, env)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [r["file"] for r in rows] == [f"{i:03d}.png" for i in range(12)]
+    data = build_data(params.data, params.seed)
+    images, _ = split_arrays(data.test, np.arange(12))
+    expected = onnx_logits(variant_file(root, "kd/tinynet_xs", "fp32"), images).argmax(1)
+    names = json.loads((bdir / "bundle.json").read_text())["class_names"]
+    assert [r["class1"] for r in rows] == [names[i] for i in expected]
+    assert all(r["error"] == "" for r in rows)
+
+
+def test_bench_prints_the_latency_table_without_torch(bundle_copy):
+    bdir, env = bundle_copy
+    proc = _run(["bench.py", "--variants", "fp32", "int8", "--iterations", "5", "--warmup", "1"], bdir, env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "p50_ms" in out and "p99_ms" in out and "throughput_ips" in out and "peak_rss_mb" in out
+    assert out.count("tiny-1core") == 4  # 2 variants x 2 batch sizes
+
+
+def test_runner_converts_wrong_size_and_mode(ws, bundle_copy, tmp_path):
+    root, _ = ws
+    bdir, env = bundle_copy
+    rgba = Image.fromarray(np.random.default_rng(0).integers(0, 255, (13, 20, 4), dtype=np.uint8), "RGBA")
+    grey = rgba.convert("L")
+    rgba.save(tmp_path / "odd.png")
+    grey.save(tmp_path / "grey.png")
+    spec = json.loads((bdir / "preprocessing.json").read_text())
+    x = preprocess_image(spec, Image.open(tmp_path / "odd.png"))
+    assert x.shape == (1, 3, 8, 8)
+    for name in ("odd.png", "grey.png"):
+        proc = _run(["run.py", str(tmp_path / name), "--variant", "fp32"], bdir, env)
+        assert proc.returncode == 0, proc.stderr
+    probs = onnx_logits(variant_file(root, "kd/tinynet_xs", "fp32"), x)
+    names = json.loads((bdir / "bundle.json").read_text())["class_names"]
+    first = _run(["run.py", str(tmp_path / "odd.png"), "--variant", "fp32"], bdir, env).stdout.splitlines()[1]
+    assert first.split()[1] == names[int(probs.argmax())]
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def _no_traceback(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_non_onnx_and_corrupted_model_files(bundle_copy, tmp_path):
+    bdir, env = bundle_copy
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    fake = bdir / "notes.onnx"
+    fake.write_text("this is not a model")
+    proc = _run(["run.py", str(img), "--model", "notes.onnx", "--no-verify"], bdir, env)
+    _no_traceback(proc)
+    assert "not a usable ONNX model" in proc.stderr
+    proc = _run(["run.py", str(img), "--model", "notes.onnx"], bdir, env)
+    _no_traceback(proc)
+    assert "not one of this bundle's models" in proc.stderr
+    proc = _run(["bench.py", "--model", "notes.onnx"], bdir, env)
+    _no_traceback(proc)
+    assert "not a usable ONNX model" in proc.stderr
+    broken = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(bdir, broken)
+    data = (broken / "model_int8.onnx").read_bytes()
+    (broken / "model_int8.onnx").write_bytes(data[: len(data) // 2])
+    proc = _run(["run.py", str(img)], broken, env)
+    _no_traceback(proc)
+    assert "does not match the sha256" in proc.stderr
+    proc = _run(["run.py", str(img), "--no-verify"], broken, env)
+    _no_traceback(proc)
+    assert "not a usable ONNX model" in proc.stderr
+    with pytest.raises(EdgeError, match="not a usable ONNX model"):
+        open_session(fake)
+
+
+def test_unreadable_images(bundle_copy, tmp_path):
+    bdir, env = bundle_copy
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    proc = _run(["run.py", str(bad)], bdir, env)
+    _no_traceback(proc)
+    assert "cannot read image" in proc.stderr and "bad.png" in proc.stderr
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(good, format="PNG")
+    (tmp_path / "trunc.png").write_bytes(good.getvalue()[:60])
+    proc = _run(["run.py", str(tmp_path / "trunc.png")], bdir, env)
+    _no_traceback(proc)
+    proc = _run(["run.py", str(tmp_path / "missing.png")], bdir, env)
+    _no_traceback(proc)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    (folder / "readme.txt").write_text("ignored")
+    proc = _run(["run.py", str(folder)], bdir, env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [r["file"] for r in rows] == ["a.png", "b.jpg"]
+    assert rows[0]["error"] == "" and "cannot read image" in rows[1]["error"]
+
+
+def test_runner_refuses_a_model_outside_its_bundle(ws, bundle_copy, tmp_path):
+    root, _ = ws
+    bdir, env = bundle_copy
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(variant_file(root, "kd/tinynet_xs", "fp32").read_bytes())
+    for arg in (str(outside), "../outside.onnx", os.path.relpath(outside, bdir)):
+        proc = _run(["run.py", str(img), "--model", arg, "--no-verify"], bdir, env)
+        _no_traceback(proc)
+        assert "outside the bundle" in proc.stderr
+    link = bdir / "link.onnx"
+    link.symlink_to(outside)
+    try:
+        proc = _run(["run.py", str(img), "--model", "link.onnx", "--no-verify"], bdir, env)
+        _no_traceback(proc)
+        assert "outside the bundle" in proc.stderr
+        with pytest.raises(EdgeError, match="outside the bundle"):
+            resolve_inside("link.onnx", bdir)
+    finally:
+        link.unlink()
+
+
+def _tar_with(path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        ok = tarfile.TarInfo("bundle/ok.txt")
+        ok.size = 1
+        tar.addfile(ok, io.BytesIO(b"o"))
+        member.size = len(data) if member.isfile() else 0
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tarfile.TarInfo("../evil.txt"),
+    lambda: tarfile.TarInfo("bundle/../../evil.txt"),
+    lambda: tarfile.TarInfo("/tmp/kdpipe-evil.txt"),
+    lambda: (lambda t: (setattr(t, "type", tarfile.SYMTYPE), setattr(t, "linkname", "/etc/passwd"), t)[-1])(
+        tarfile.TarInfo("bundle/link")),
+    lambda: (lambda t: (setattr(t, "type", tarfile.LNKTYPE), setattr(t, "linkname", "../x"), t)[-1])(
+        tarfile.TarInfo("bundle/hard")),
+], ids=["dotdot", "nested-dotdot", "absolute", "symlink", "hardlink"])
+def test_archive_extraction_refuses_escaping_members(tmp_path, make):
+    archive = _tar_with(tmp_path / "evil.tar.gz", make())
+    dest = tmp_path / "out"
+    with pytest.raises(DeployError, match="refusing to extract"):
+        safe_extract(archive, dest)
+    assert not dest.exists() or not any(dest.iterdir())  # nothing written, not even the good member
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_corrupted_archive_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"\x00" * 20)
+    with pytest.raises(DeployError, match="bundle archive"):
+        safe_extract(bad, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- benchmark and report
+
+
+def test_benchmark_measures_every_variant_and_the_eager_reference(ws):
+    root, _ = ws
+    rep = json.loads(report_file(root, "benchmark").read_text())
+    assert rep["settings"]["intra_op_spinning"] is False
+    entry = rep["models"]["kd/tinynet_xs"]
+    assert set(entry) == {"fp32", "int8", "torch"}  # the params of this workspace measure fp32 and int8
+    for res in entry.values():
+        prof = res["profiles"]["tiny-1core"]
+        assert prof["status"] == "ok" and prof["threads"] == 1
+        for b in ("1", "4"):
+            st = prof["batches"][b]
+            assert 0 < st["p50_ms"] <= st["p90_ms"] <= st["p99_ms"] and st["runs"] >= 5 and st["throughput_ips"] > 0
+        assert res["peak_rss_mb"] > 0 and res["file_bytes"] > 0
+        assert res["headline"]["tiny-1core"]["throughput_batch"] == 4
+
+
+def test_report_rows_budget_pick_and_plot(ws):
+    root, params = ws
+    res = json.loads((root / "reports/results.json").read_text())
+    rows = res["rows"]
+    assert len(rows) == 3 * 3  # models x variants
+    roles = {r["run"]: r["role"] for r in rows}
+    assert roles == {"teacher": "teacher", "baseline/tinynet_xs": "baseline", "kd/tinynet_xs": "distilled"}
+    for r in rows:
+        for key in ("student", "method", "precision", "top1", "top5", "params", "macs", "bytes"):
+            assert key in r
+        lat = r["latency"]["tiny-1core"]
+        if r["precision"] == "fp16":  # not benchmarked in this workspace
+            assert lat is None
+        else:
+            assert lat["p50_ms"] > 0 and lat["p99_ms"] >= lat["p50_ms"]
+    pick = res["profiles"]["tiny-1core"]["pick"]
+    assert pick is not None and pick["latency_ms"] <= 50.0
+    best = max(r["top1"] for r in rows if r["latency"]["tiny-1core"] is not None)
+    assert pick["top1"] == best
+    md = (root / "reports/results.md").read_text()
+    assert "| `kd/tinynet_xs` |" in md and "Pareto front" in md and "TensorRT" in md
+    with Image.open(root / "reports/pareto.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300
