@@ -46,7 +46,7 @@ class DataConfig(Strict):
     synthetic_image_size: int = Field(8, ge=4, le=256)
 
     @model_validator(mode="after")
-    def _fractions(self) -> "DataConfig":
+    def _fractions(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError(
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves too little "
@@ -76,7 +76,7 @@ class ScheduleConfig(Strict):
     @field_validator("milestones")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
-        if any(m <= 0 for m in v) or any(b <= a for a, b in zip(v, v[1:])):
+        if any(m <= 0 for m in v) or any(b <= a for a, b in zip(v, v[1:], strict=False)):
             raise ValueError(f"milestones must be positive and strictly increasing, got {v}")
         return v
 
@@ -93,7 +93,7 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value")
 
     @model_validator(mode="after")
-    def _schedule_fits(self) -> "TrainConfig":
+    def _schedule_fits(self) -> TrainConfig:
         s = self.schedule
         if s.warmup_epochs >= self.epochs:
             raise ValueError(f"schedule.warmup_epochs={s.warmup_epochs} must be below epochs={self.epochs}")

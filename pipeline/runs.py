@@ -213,7 +213,7 @@ def evaluate(params: Params, run: RunId, root: Path = Path(".")) -> dict[str, An
     per_class = [{"class": names[i], "top1": v} for i, v in enumerate(m.pop("per_class_top1"))]
     m.pop("confusion")
     pred = logits["model"].argmax(1).tolist()
-    confusion_rows = [{"actual": names[a], "predicted": names[p]} for a, p in zip(labels.tolist(), pred)]
+    confusion_rows = [{"actual": names[a], "predicted": names[p]} for a, p in zip(labels.tolist(), pred, strict=True)]
     metrics = {
         **{k: round(float(v), 6) for k, v in m.items()},
         "params": count_parameters(model),

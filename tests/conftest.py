@@ -24,6 +24,7 @@ def tiny_params(**sections: dict) -> dict:
         "teacher": {"model": "tinynet_m", "route_every": 1},
         "students": {"tinynet_s": {}},
         "distill": {"methods": ["kd"]},
+        "online": {"methods": []},
         "evaluate": {"batch_size": 128},
     }
     for k, v in sections.items():

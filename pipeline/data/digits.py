@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 
 from pipeline.data.base import DataSplits, register_dataset
 from pipeline.data.images import ArrayStore
@@ -29,6 +28,8 @@ SCALE = 16.0
 @register_dataset("digits")
 def build_digits(cfg: DataConfig, seed: int) -> DataSplits:
     """Build the digits splits: raw values 0..16 kept as uint8, scaled by 1/16, optionally resized."""
+    from sklearn.datasets import load_digits  # lazy: sklearn costs a second at import
+
     bunch = load_digits()
     images = torch.from_numpy(np.asarray(bunch.images, dtype=np.uint8)[:, None])  # [N, 1, 8, 8], 0..16
     labels = np.asarray(bunch.target, dtype=np.int64)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from pipeline.data.base import DataSplits
 from pipeline.data.images import ImageDataset, ImageStore, channel_stats, crop_padding
@@ -45,6 +44,8 @@ def _holdout(
             f"cannot split a stratified {what} set: class(es) {small} have a single sample; "
             "every class needs at least 2"
         )
+    from sklearn.model_selection import train_test_split  # lazy: sklearn costs a second at import
+
     keep, hold = train_test_split(indices, test_size=n_hold, stratify=labels[indices], random_state=seed)
     return np.sort(keep), np.sort(hold)
 

@@ -49,7 +49,7 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -
     correct = (pred == labels).double()
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
     ece = torch.zeros((), dtype=torch.float64)
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         mask = (conf > lo) & (conf <= hi)
         if mask.any():
             ece += mask.double().mean() * (conf[mask].mean() - correct[mask].mean()).abs()

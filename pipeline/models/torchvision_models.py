@@ -49,16 +49,26 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import models as tvm
-from torchvision.models import resnet as tv_resnet
 
 from .base import BlockStage, Stage, StagedNet, StageInfo
 from .registry import register_model
 from .shufflenet import channel_shuffle
+
+if TYPE_CHECKING:  # torchvision is imported on first use: it costs seconds at every stage start
+    from torchvision import models as tvm
+
+
+def _tvm():
+    """torchvision.models, imported lazily."""
+    from torchvision import models
+
+    return models
+
 
 FAMILY = "torchvision"
 IMAGENET_CLASSES = 1000
@@ -179,11 +189,11 @@ def _adapt_classifier(model: nn.Module, path: str, num_classes: int, init: Calla
 
 def resnet_block_preact(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """Run a torchvision ResNet block, returning ``(post, pre)`` around its final ReLU."""
-    if isinstance(block, tv_resnet.Bottleneck):
+    if isinstance(block, _tvm().resnet.Bottleneck):
         out = block.relu(block.bn1(block.conv1(x)))
         out = block.relu(block.bn2(block.conv2(out)))
         out = block.bn3(block.conv3(out))
-    elif isinstance(block, tv_resnet.BasicBlock):
+    elif isinstance(block, _tvm().resnet.BasicBlock):
         out = block.relu(block.bn1(block.conv1(x)))
         out = block.bn2(block.conv2(out))
     else:
@@ -320,7 +330,7 @@ def _wrap_resnet(tv: tvm.ResNet, classifier: nn.Linear) -> StagedNet:
     info = []
     for layer, reduction in zip(layers, (4, 8, 16, 32), strict=True):
         last = layer[-1]
-        conv = last.conv3 if isinstance(last, tv_resnet.Bottleneck) else last.conv2
+        conv = last.conv3 if isinstance(last, _tvm().resnet.Bottleneck) else last.conv2
         info.append(StageInfo(channels=conv.out_channels, reduction=reduction))
     return _staged(stem, stages, None, info, classifier)
 
@@ -362,7 +372,7 @@ def torchvision_model(
     """
     if name not in _LINEAR_INIT:
         raise ValueError(f"no torchvision wrapper for {name!r}; known: {', '.join(sorted(_LINEAR_INIT))}")
-    tv: nn.Module = getattr(tvm, name)(weights=None)
+    tv: nn.Module = getattr(_tvm(), name)(weights=None)
     if weights is not None:
         load_torchvision_weights(tv, weights, name)
     _adapt_classifier(tv, _classifier_path(name), num_classes, _LINEAR_INIT[name])
@@ -380,9 +390,9 @@ def wrap_torchvision(tv: nn.Module, name: str) -> StagedNet:
     """
     classifier = tv.get_submodule(_classifier_path(name))
     assert isinstance(classifier, nn.Linear)
-    if isinstance(tv, tvm.ResNet):
+    if isinstance(tv, _tvm().ResNet):
         return _wrap_resnet(tv, classifier)
-    if isinstance(tv, tvm.ShuffleNetV2):
+    if isinstance(tv, _tvm().ShuffleNetV2):
         return _wrap_shufflenet(tv, classifier)
     return _wrap_features(tv, _FEATURE_SPECS[name], classifier)
 
