@@ -167,6 +167,21 @@ class StagedNet(nn.Module):
         return self.forward_head(last)[1]
 
 
+def init_fan_out_weights(model: nn.Module) -> None:
+    """The VGG/MobileNetV2 reference initialisation: Kaiming fan-out convs, unit BN, N(0, 0.01) classifier."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not) of a module."""
     return sum(p.numel() for p in model.parameters())

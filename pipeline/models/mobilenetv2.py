@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Stage, StagedNet, StageInfo
+from .base import Stage, StagedNet, StageInfo, init_fan_out_weights
 from .registry import register_model
 
 FAMILY = "mobilenetv2"
@@ -78,19 +78,6 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
-
 
 def cifar_mobilenetv2(expansion: int, width_mult: float, num_classes: int, in_channels: int) -> StagedNet:
     """CRD's CIFAR MobileNetV2 with expansion ``expansion`` and width ``width_mult``."""
@@ -118,7 +105,7 @@ def cifar_mobilenetv2(expansion: int, width_mult: float, num_classes: int, in_ch
     last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
     neck = _conv_bn_relu(channels, last_channel, 1, 1)
     model = StagedNet(stem, stages, neck, last_channel, num_classes, info)
-    _init_weights(model)
+    init_fan_out_weights(model)
     return model
 
 

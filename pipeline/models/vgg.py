@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Stage, StagedNet, StageInfo
+from .base import Stage, StagedNet, StageInfo, init_fan_out_weights
 from .registry import register_model
 
 FAMILY = "vgg"
@@ -55,19 +55,6 @@ def _block(widths: list[int], in_channels: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
-
 
 def vgg(cfg: list[list[int]], num_classes: int, in_channels: int, image_size: int) -> StagedNet:
     """A CIFAR VGG with batch norm from per-block conv widths ``cfg`` (five blocks)."""
@@ -87,7 +74,7 @@ def vgg(cfg: list[list[int]], num_classes: int, in_channels: int, image_size: in
         channels = widths[-1]
         info.append(StageInfo(channels=channels, reduction=reduction))
     model = StagedNet(nn.Identity(), stages, None, channels, num_classes, info)
-    _init_weights(model)
+    init_fan_out_weights(model)
     return model
 
 
