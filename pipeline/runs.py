@@ -25,17 +25,19 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from pipeline import __version__
 from pipeline.config import ONLINE_METHODS, ConfigError, Params, TrainConfig
 from pipeline.data import DataSplits, build_data
 from pipeline.distill import MethodContext, Vanilla, build_method
 from pipeline.distill.online.common import OnlineDistiller, ensemble_metrics, load_ensemble, save_ensemble
 from pipeline.engine.atomic import atomic_dir, atomic_write_json
 from pipeline.engine.checkpoint import load_model_file, save_model_file
+from pipeline.engine.device import pick_device
 from pipeline.engine.evaluation import classification_metrics, predict
 from pipeline.engine.loop import RunSpec, fit
 from pipeline.models import build, count_parameters
 from pipeline.models.complexity import count_macs
+from pipeline.provenance import device_label
+from pipeline.provenance import provenance as build_provenance
 
 STATE_ROOT = Path(".kdpipe") / "state"
 
@@ -91,16 +93,9 @@ def _hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def provenance(params: Params) -> dict[str, Any]:
-    """What produced an output: package and library versions, device, params hash."""
-    import platform
-
-    return {
-        "kdpipe": __version__,
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
-        "params_sha256": _hash_json(params.model_dump(mode="json")),
-    }
+def provenance(params_sha256: str, root: Path, *, git: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """What produced a run's outputs (:mod:`pipeline.provenance`); ``git=False`` for files compared by bytes."""
+    return build_provenance(params_sha256, device=device, git=git, root=root)
 
 
 def _plan(params: Params, run: RunId, root: Path) -> tuple[str, TrainConfig, dict[str, Any]]:
@@ -180,7 +175,8 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
     facts = task.finalize(result.history)
     deploy = task.deployable().cpu().eval()
     meta = {"role": run.role, "student": run.student, "method": run.method, "run": run.key,
-            "class_names": list(data.class_names), "epochs": cfg.epochs, **provenance(params)}
+            "class_names": list(data.class_names), "epochs": cfg.epochs,
+            **provenance(fingerprint, root, git=False, device=device_label(pick_device()))}  # model.pt: no git facts
     out = run.out_dir(root)
     with atomic_dir(out) as tmp:
         save_model_file(tmp / "model.pt", deploy, arch, data.num_classes, data.in_channels, data.image_size, meta)
@@ -188,8 +184,8 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
             shutil.copytree(spec.state_dir / "route", tmp / "route")
         atomic_write_json(tmp / "train.json", {"final": result.final, "epochs": len(result.history),
                                                "resumed_from_epoch": result.resumed_from,
-                                               "seconds": round(result.seconds, 2), "meta": meta,
-                                               "method_facts": facts})
+                                               "meta": meta, "method_facts": facts,  # no wall-clock: same params, same bytes
+                                               "provenance": provenance(fingerprint, root, device=meta["device"])})
         if isinstance(task, OnlineDistiller):  # every trained network, for the ensemble's test score
             save_ensemble(tmp / "ensemble.pt", task, meta)
     with atomic_dir(run.live_dir(root)) as tmp:
@@ -224,6 +220,9 @@ def evaluate(params: Params, run: RunId, root: Path = Path(".")) -> dict[str, An
     if run.role == "online":
         ensemble = load_ensemble(run.out_dir(root) / "ensemble.pt")
         metrics.update(ensemble_metrics(ensemble, data.test, logits["model"], bs))
+    dumped = params.model_dump(mode="json")
+    metrics["provenance"] = {**provenance(_hash_json({k: dumped[k] for k in ("seed", "data", "evaluate")}), root),
+                             "train_params_sha256": info.get("params_sha256")}
     atomic_write_json(run.plot_file(root, "confusion"), confusion_rows)
     atomic_write_json(run.plot_file(root, "per_class"), per_class)
     atomic_write_json(run.metrics_file(root), metrics)
