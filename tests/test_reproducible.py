@@ -1,4 +1,10 @@
-"""Same params, same bytes: two trainings in two workspaces write identical outs; provenance says what made them."""
+"""Same params, same bytes: two runs in two workspaces write identical outs; provenance says what made them.
+
+Two git checkouts of the same commit train, evaluate and deploy the same tiny params
+through the pipeline's own functions; every out (weights, metrics, plots, curves, ONNX
+files, bundles, export and quantize reports) must match byte for byte. Only what holds
+wall-clock measurements (the benchmark and the report built on it) may differ.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +20,22 @@ import torch
 
 from pipeline import __version__
 from pipeline.config import parse_params
+from pipeline.deploy.benchmark import benchmark_all
+from pipeline.deploy.bundle import bundle_all
+from pipeline.deploy.export import export_all
+from pipeline.deploy.metadata import read_metadata
+from pipeline.deploy.quantize import quantize_all
+from pipeline.deploy.tensorrt_build import build_all
 from pipeline.provenance import git_state, provenance
+from pipeline.report.results import report_all
 from pipeline.runs import RunId, evaluate, train
 from tests.conftest import REPO, tiny_params
 
 RUNS = (RunId("teacher"), RunId("baseline", "tinynet_s"), RunId("distill", "tinynet_s", "kd"))
-OUT_FOLDERS = ("runs", "metrics", "plots", "live")
+OUT_FOLDERS = ("runs", "metrics", "plots", "live", "exports", "bundles", "reports")
+#: Outs that hold wall-clock measurements: latency figures and what is built on them.
+TIMED = {"reports/benchmark.json", "reports/results.json", "reports/results.md", "reports/pareto.png"}
+DEPLOY_STAGES = (export_all, quantize_all, build_all, bundle_all, benchmark_all, report_all)
 
 
 def git_workspace(root: Path, date: str = "2024-01-01T00:00:00+00:00") -> Path:
@@ -45,11 +61,14 @@ def digests(root: Path) -> dict[str, str]:
     return out
 
 
-def train_and_evaluate(params, root: Path) -> None:
+def run_pipeline(params, root: Path) -> None:
+    """What ``dvc repro`` runs, stage by stage, in-process."""
     for run in RUNS:
         train(params, run, root)
     for run in RUNS:
         evaluate(params, run, root)
+    for stage in DEPLOY_STAGES:
+        stage(params, root)
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +81,27 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory, one_thread) -> tuple[Path, Path, object]:
-    """The same training and evaluation run in two workspaces of the same checkout."""
-    params = parse_params(tiny_params(train={"epochs": 3}))
+    """The same pipeline run in two workspaces of the same checkout."""
+    params = parse_params(tiny_params(
+        train={"epochs": 3}, quantize={"calibration_samples": 32},
+        benchmark={"warmup": 1, "iterations": 5, "max_seconds": 0.05, "variants": ["fp32"], "torch_reference": False,
+                   "profiles": [{"name": "edge-1core", "threads": 1, "batch_sizes": [1], "latency_budget_ms": 100.0}]}))
     base = tmp_path_factory.mktemp("twins")
     a, b = git_workspace(base / "a"), git_workspace(base / "b")
     for ws in (a, b):
-        train_and_evaluate(params, ws)
+        run_pipeline(params, ws)
     return a, b, params
 
 
 def test_same_params_give_the_same_bytes_in_every_out(twins):
     a, b, _ = twins
     da, db = digests(a), digests(b)
-    assert any(k.endswith("model.pt") for k in da) and any(k.startswith("metrics/") for k in da)
+    for needle in ("runs/teacher/model.pt", "metrics/kd/tinynet_s.json", "exports/onnx/teacher/model.onnx",
+                   "exports/quantized/kd/tinynet_s/model_int8.onnx", "bundles/tinynet_s-kd.tar.gz",
+                   "reports/export.json", "reports/quantize.json"):
+        assert needle in da
     assert da.keys() == db.keys()
-    differ = sorted(k for k in da if da[k] != db[k])
+    differ = sorted(k for k in da if da[k] != db[k] and k not in TIMED)
     assert not differ, f"outs differ between two runs of the same params: {differ}"
     for run in RUNS:
         ma, mb = (json.loads(run.metrics_file(ws).read_text()) for ws in (a, b))
@@ -146,3 +171,24 @@ def test_provenance_is_cheap_and_reads_versions_without_importing():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert set(provenance("h", git=False)) == {"kdpipe", "python", "torch", "device", "params_sha256"}
+
+
+def test_deploy_outputs_record_provenance(twins):
+    a, _, _ = twins
+    revision, _ = git_state(a)
+    onnx_meta = read_metadata(a / "exports/onnx/kd/tinynet_s/model.onnx")
+    assert onnx_meta["provenance"]["onnxruntime"] and "git_revision" not in onnx_meta["provenance"]
+    int8 = read_metadata(a / "exports/quantized/kd/tinynet_s/model_int8.onnx")
+    assert int8["provenance"]["params_sha256"] != onnx_meta["provenance"]["params_sha256"]  # quantize's own params
+    for name in ("export", "quantize", "benchmark"):
+        made = json.loads((a / "reports" / f"{name}.json").read_text())["provenance"]
+        assert made["git_revision"] == revision and made["git_dirty"] is False and made["kdpipe"] == __version__
+    manifest = json.loads((a / "bundles/tinynet_s-kd/bundle.json").read_text())
+    assert manifest["provenance"]["git_revision"] == revision
+    assert f"at git revision `{revision[:12]}`" in (a / "bundles/tinynet_s-kd/README.md").read_text()
+    results = json.loads((a / "reports/results.json").read_text())["provenance"]
+    assert {"metrics/teacher.json", "reports/export.json", "reports/results.json"} <= set(results)
+    md = (a / "reports/results.md").read_text()
+    section = md[md.index("## Provenance"):]
+    assert f"`{revision[:12]}`" in section and "`metrics/kd/tinynet_s.json`" in section
+    assert section.count("\n| `") == len(results)  # one row per output

@@ -152,6 +152,22 @@ def params_sha256(params: Params, sections: tuple[str, ...]) -> str:
     return sha256_json({k: dumped[k] for k in sections})
 
 
+#: Libraries whose versions the deploy stages record (read from package metadata, never imported for it).
+DEPLOY_PACKAGES = ("torch", "onnx", "onnxruntime")
+
+
+def stage_provenance(params: Params, sections: tuple[str, ...], root: Path, *, git: bool = True,
+                     packages: tuple[str, ...] = DEPLOY_PACKAGES) -> dict[str, Any]:
+    """:func:`pipeline.provenance.provenance` of a deploy stage: its params sections' hash, CPU device.
+
+    ``git=False`` for what goes inside model files (ONNX metadata), whose bytes must not
+    depend on the commit; reports and manifests carry the revision.
+    """
+    from pipeline.provenance import provenance
+
+    return provenance(params_sha256(params, sections), packages=packages, git=git, root=root)
+
+
 def split_arrays(dataset: Dataset, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A split's (or a subset's) normalised images float32 [N, C, H, W] and labels int64 [N], in order."""
     positions = range(len(dataset)) if indices is None else [int(i) for i in indices]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.deploy.artifacts import DeployError, deployable_runs, report_file, variant_file
+from pipeline.deploy.artifacts import DeployError, deployable_runs, report_file, stage_provenance, variant_file
 from pipeline.deploy.edge import edge_runtime
 
 RUNTIME_SCRIPT = Path(edge_runtime.__file__).resolve()
@@ -185,7 +185,7 @@ def benchmark_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     report = {"environment": environment(), "settings": {"warmup": cfg.warmup, "iterations": cfg.iterations,
                                                          "max_seconds": cfg.max_seconds, "profiles": profiles,
                                                          "intra_op_spinning": False},
-              "models": models}
+              "models": models, "provenance": stage_provenance(params, ("benchmark",), root)}
     atomic_write_json(report_file(root, "benchmark"), report)
     return report
 

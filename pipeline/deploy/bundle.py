@@ -37,6 +37,7 @@ from pipeline.deploy.artifacts import (
     DeployError,
     read_json,
     report_file,
+    stage_provenance,
     tensorrt_dir,
     variant_file,
 )
@@ -52,6 +53,14 @@ RUNTIME_FILES = {
     "edge_preprocessing.py": Path(__file__).resolve().parent.parent / "data" / "preprocessing.py",
 }
 BUNDLE_FORMAT = "kdpipe-bundle/1"
+
+
+def _revision(prov: dict[str, Any]) -> str:
+    """`` at git revision <rev>`` (with `` (uncommitted changes)`` when dirty), or nothing outside git."""
+    rev = prov.get("git_revision")
+    if not rev:
+        return ""
+    return f" at git revision `{rev[:12]}`" + (" (uncommitted changes)" if prov.get("git_dirty") else "")
 
 
 def readme(manifest: dict[str, Any]) -> str:
@@ -72,7 +81,7 @@ def readme(manifest: dict[str, Any]) -> str:
 
 {manifest['role']} model `{manifest['arch']}` (run `{manifest['run']}`) for {len(manifest['class_names'])} classes,
 input `{INPUT_NAME}` of shape N x {shape} (float32, NCHW), output `logits`.
-Exported by kdpipe {manifest['kdpipe']}; source checkpoint sha256 `{manifest['source_sha256'][:16]}...`.
+Exported by kdpipe {manifest['kdpipe']}{_revision(manifest.get('provenance') or {})}; source checkpoint sha256 `{manifest['source_sha256'][:16]}...`.
 
 | file | precision | top-1 % | top-5 % | KiB |
 |---|---|---|---|---|
@@ -124,11 +133,13 @@ def make_bundle(
     benchmark: dict[str, Any],
     tensorrt: dict[str, Any],
     default_variant: str = "int8",
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fill the folder ``dest`` with one bundle; returns its manifest (also written as ``bundle.json``).
 
     ``models`` maps a variant (fp32/fp16/int8) to its ONNX file; ``info`` carries the
-    run facts (run, role, arch, student, method, source_sha256, accuracies per variant).
+    run facts (run, role, arch, student, method, source_sha256, accuracies per variant);
+    ``provenance`` (what made the bundle: version, git revision, params hash) goes into the manifest.
     """
     from pipeline.deploy.tensorrt_build import trtexec_commands, trtexec_script
 
@@ -176,6 +187,7 @@ def make_bundle(
         "default_variant": default_variant if default_variant in entries else "fp32",
         "benchmark": {**benchmark, "variants": [v for v in benchmark.get("variants", list(entries)) if v in entries]},
         "tensorrt": {**tensorrt, "trtexec": commands},
+        "provenance": dict(provenance or {}),
     }
     (dest / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (dest / "README.md").write_text(readme(manifest), encoding="utf-8")
@@ -256,6 +268,7 @@ def bundle_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
                 "workspace_mb": params.tensorrt.workspace_mb}
     from pipeline.deploy.metadata import read_metadata
 
+    made_by = stage_provenance(params, ("bundle", "benchmark", "tensorrt"), root)
     manifests: dict[str, Any] = {}
     with atomic_dir(root / BUNDLES) as tmp:
         # The models the export stage wrote (reports/export.json), so this stage needs no torch.
@@ -272,7 +285,7 @@ def bundle_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
             manifests[name] = make_bundle(
                 folder, name=name, models=models, preprocessing=meta["preprocessing"],
                 class_names=list(meta["class_names"]), info=info, benchmark=benchmark, tensorrt=tensorrt,
-                default_variant=params.bundle.default_variant)
+                default_variant=params.bundle.default_variant, provenance=made_by)
             if params.bundle.archive:
                 pack(folder, tmp / f"{name}.tar.gz")
     return manifests

@@ -34,6 +34,7 @@ from pipeline.deploy.artifacts import (
     params_sha256,
     report_file,
     split_arrays,
+    stage_provenance,
 )
 from pipeline.deploy.edge.edge_runtime import EdgeError, open_session, run_session
 from pipeline.deploy.metadata import model_metadata, set_metadata
@@ -174,7 +175,9 @@ def export_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     data = build_data(params.data, params.seed)
     images, labels = split_arrays(data.test)
     spec = preprocessing_spec(data)
-    phash = params_sha256(params, ("seed", "data", "export"))
+    sections = ("seed", "data", "export")
+    phash = params_sha256(params, sections)
+    inside = stage_provenance(params, sections, root, git=False)  # in the ONNX files: no commit, same bytes
     report: dict[str, Any] = {}
     with atomic_dir(onnx_dir(root)) as tmp:
         for dep in deployable_runs(params):
@@ -183,7 +186,7 @@ def export_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
             meta = model_metadata(run=dep.key, arch=info["arch"], role=dep.role, class_names=list(data.class_names),
                                   in_channels=data.in_channels, image_size=data.image_size, preprocessing=spec,
                                   source_sha256=file_sha256(src), params_hash=phash, opset=cfg.opset,
-                                  extra={"train_params_sha256": info.get("params_sha256", "")})
+                                  extra={"train_params_sha256": info.get("params_sha256", ""), "provenance": inside})
             out = export_onnx(model, tmp / dep.key / "model.onnx", in_channels=data.in_channels,
                               image_size=data.image_size, opset=cfg.opset, example_batch=cfg.example_batch,
                               metadata=meta)
@@ -195,6 +198,7 @@ def export_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
                                "top1": round(topk_accuracy(got, labels, 1), 4),
                                "top5": round(topk_accuracy(got, labels, 5), 4),
                                "bytes": out.stat().st_size, "opset": cfg.opset}
-    atomic_write_json(report_file(root, "export"), {"models": report, "test_images": int(len(labels))})
+    atomic_write_json(report_file(root, "export"), {"models": report, "test_images": int(len(labels)),
+                                                    "provenance": stage_provenance(params, sections, root)})
     return report
 

@@ -48,6 +48,7 @@ from pipeline.deploy.artifacts import (
     read_json,
     report_file,
     split_arrays,
+    stage_provenance,
     variant_file,
 )
 from pipeline.deploy.export import onnx_logits, topk_accuracy
@@ -232,6 +233,8 @@ def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
               "quantize_params_sha256": params_sha256(params, ("seed", "data", "quantize"))}
     if cfg.calibration_method == "Percentile":
         recipe["percentile"] = cfg.percentile
+    sections = ("seed", "data", "quantize")
+    inside = {"provenance": stage_provenance(params, sections, root, git=False)}  # no commit inside model files
     report: dict[str, Any] = {}
     with atomic_dir(quantized_dir(root)) as tmp:
         for dep in deployable_runs(params):
@@ -247,7 +250,7 @@ def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
                 facts = quantize_int8(fp32, out, calib, method=cfg.calibration_method, per_channel=cfg.per_channel,
                                       activation_type=cfg.activation_type, percentile=cfg.percentile,
                                       histogram_bins=cfg.histogram_bins, batch_size=cfg.calibration_batch_size)
-                tag_variant(out, source_meta, "int8", {"quantization": {**recipe, **facts}})
+                tag_variant(out, source_meta, "int8", {"quantization": {**recipe, **facts}, **inside})
                 entry["int8"] = score(out, images, labels, params.export.batch_size)
                 drop = entry["fp32"]["top1"] - entry["int8"]["top1"]
                 entry["int8_top1_drop"] = round(drop, 4)
@@ -258,13 +261,14 @@ def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
                                           activation_type="int8", percentile=cfg.percentile,
                                           histogram_bins=cfg.histogram_bins, batch_size=cfg.calibration_batch_size)
                     tag_variant(out, source_meta, "int8", {"quantization": {**recipe, **facts, "activation_type": "int8",
-                                                                            "target": "tensorrt"}})
+                                                                            "target": "tensorrt"}, **inside})
                     entry[TRT_INT8] = score(out, images, labels, params.export.batch_size)
             if cfg.fp16:
                 out = convert_fp16(fp32, tmp / dep.key / "model_fp16.onnx")
-                tag_variant(out, source_meta, "fp16", {})
+                tag_variant(out, source_meta, "fp16", inside)
                 entry["fp16"] = score(out, images, labels, params.export.batch_size)
             report[dep.key] = entry
     atomic_write_json(report_file(root, "quantize"), {"models": report, "recipe": recipe,
-                                                      "test_images": int(len(labels))})
+                                                      "test_images": int(len(labels)),
+                                                      "provenance": stage_provenance(params, sections, root)})
     return report

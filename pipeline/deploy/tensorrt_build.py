@@ -129,5 +129,8 @@ def build_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
             if failed:
                 raise DeployError("TensorRT engine build failed: " + "; ".join(failed))
             status.update({"status": "built", "tensorrt": str(trt.__version__), "engines": engines})
+        from pipeline.deploy.artifacts import stage_provenance
+
+        status["provenance"] = stage_provenance(params, ("tensorrt",), root, packages=("onnx", "tensorrt"))
         atomic_write_json(tmp / "status.json", status)
     return status

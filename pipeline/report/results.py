@@ -5,7 +5,9 @@ parity), ``reports/quantize.json`` (top-1/top-5 and size of every ONNX file, run
 onnxruntime on the test split), ``reports/benchmark.json`` (latency per device
 profile) and ``metrics/<run>.json`` (parameters and MACs from the evaluate stage).
 Outputs: ``reports/results.json``, ``reports/results.md`` and (via
-:mod:`pipeline.report.plots`) ``reports/pareto.png``.
+:mod:`pipeline.report.plots`) ``reports/pareto.png``. Both results files end with the
+provenance of every input (kdpipe version, git revision, params hash, library versions,
+device) and of the report itself.
 """
 
 from __future__ import annotations
@@ -114,6 +116,48 @@ def summarize(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]], st
     return out
 
 
+def provenance_sources(export: dict[str, Any], quantize: dict[str, Any], benchmark: dict[str, Any] | None,
+                       tensorrt: dict[str, Any] | None, metrics: dict[str, dict[str, Any]],
+                       own: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What produced each input of the report, and the report itself: output path -> provenance dict.
+
+    Inputs written before provenance was recorded are left out.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, m in metrics.items():
+        if m.get("provenance"):
+            out[f"metrics/{key}.json"] = m["provenance"]
+    for name, doc in (("export", export), ("quantize", quantize), ("benchmark", benchmark)):
+        if (doc or {}).get("provenance"):
+            out[f"reports/{name}.json"] = doc["provenance"]
+    if (tensorrt or {}).get("provenance"):
+        out["exports/tensorrt/status.json"] = tensorrt["provenance"]
+    out["reports/results.json"] = own
+    return out
+
+
+def provenance_markdown(sources: dict[str, dict[str, Any]]) -> list[str]:
+    """The "Provenance" section: one row per output, its producer's version, revision, params and libraries."""
+    def short(v: Any) -> str:
+        return f"`{v[:12]}`" if isinstance(v, str) and v else "–"
+
+    def revision(p: dict[str, Any]) -> str:
+        if not p.get("git_revision"):
+            return "– (not a git checkout)"
+        return short(p["git_revision"]) + (" + uncommitted changes" if p.get("git_dirty") else "")
+
+    out = ["## Provenance", "",
+           "What produced each output: the params hash covers the resolved params it depends on "
+           "(for metrics, of the evaluation; the trained model's own is `train_params_sha256`).", "",
+           "| output | kdpipe | git revision | params sha256 | trained with params | python | torch | onnxruntime | device |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for name, p in sources.items():
+        out.append(f"| `{name}` | {_fmt(p.get('kdpipe'))} | {revision(p)} | {short(p.get('params_sha256'))} | "
+                   f"{short(p.get('train_params_sha256'))} | {_fmt(p.get('python'))} | {_fmt(p.get('torch'))} | "
+                   f"{_fmt(p.get('onnxruntime'))} | {_fmt(p.get('device'))} |")
+    return out
+
+
 def _fmt(v: Any, spec: str = ".2f") -> str:
     if v is None:
         return "–"
@@ -124,8 +168,10 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequence[dict[str, Any]],
              export: dict[str, Any], quantize: dict[str, Any], benchmark: dict[str, Any] | None,
-             tensorrt: dict[str, Any] | None, statistic: str) -> str:
-    """``reports/results.md``: the rows as a table, the budget picks, INT8 drop, parity, eager reference."""
+             tensorrt: dict[str, Any] | None, statistic: str,
+             provenance: dict[str, dict[str, Any]] | None = None) -> str:
+    """``reports/results.md``: the rows as a table, the budget picks, INT8 drop, parity, eager reference
+    and (when given, from :func:`provenance_sources`) the provenance of every input."""
     names = [p["name"] for p in profiles]
     env = (benchmark or {}).get("environment", {})
     out = ["# Deployment results", ""]
@@ -189,13 +235,15 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
         why = f": {tensorrt.get('reason')}" if tensorrt.get("reason") else ""
         out += ["", "## TensorRT", "", f"Engine build: **{status}**{why}. Each bundle carries `build_engine.py` and "
                 "`build_engines.sh` (trtexec) to build engines on the target GPU."]
+    if provenance:
+        out += [""] + provenance_markdown(provenance)
     out += ["", "![accuracy against latency](pareto.png)", ""]
     return "\n".join(out)
 
 
 def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     """The ``report`` stage: write ``reports/results.json``, ``results.md`` and ``pareto.png``."""
-    from pipeline.deploy.artifacts import REPORTS, report_file, tensorrt_dir
+    from pipeline.deploy.artifacts import REPORTS, report_file, stage_provenance, tensorrt_dir
     from pipeline.engine.atomic import atomic_write_json, atomic_write_text
     from pipeline.report.plots import pareto_plot
 
@@ -213,12 +261,15 @@ def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     statistic = params.report.latency_statistic
     rows = build_rows(export, quantize, benchmark, metrics, profiles)
     summary = summarize(rows, profiles, statistic)
+    sources = provenance_sources(export, quantize, benchmark, tensorrt, metrics,
+                                 stage_provenance(params, ("benchmark", "report"), root))
     result = {"rows": rows, "profiles": summary, "statistic": statistic,
               "environment": benchmark.get("environment", {}),
               "tensorrt": None if tensorrt is None else {"status": tensorrt.get("status"),
-                                                         "reason": tensorrt.get("reason")}}
+                                                         "reason": tensorrt.get("reason")},
+              "provenance": sources}
     pareto_plot(rows, profiles, statistic, root / REPORTS / "pareto.png", dpi=params.report.plot_dpi)
     atomic_write_text(root / REPORTS / "results.md",
-                      markdown(rows, summary, profiles, export, quantize, benchmark, tensorrt, statistic))
+                      markdown(rows, summary, profiles, export, quantize, benchmark, tensorrt, statistic, sources))
     atomic_write_json(root / REPORTS / "results.json", result)
     return result
