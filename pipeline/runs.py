@@ -29,6 +29,7 @@ from pipeline.config import ONLINE_METHODS, ConfigError, Params, TrainConfig
 from pipeline.data import DataSplits, build_data
 from pipeline.distill import MethodContext, Vanilla, build_method
 from pipeline.distill.online.common import OnlineDistiller, ensemble_metrics, load_ensemble, save_ensemble
+from pipeline.engine import distributed
 from pipeline.engine.atomic import atomic_dir, atomic_write_json
 from pipeline.engine.checkpoint import load_model_file, save_model_file
 from pipeline.engine.device import pick_device
@@ -133,7 +134,11 @@ def load_teacher(root: Path, data: DataSplits) -> torch.nn.Module:
 
 
 def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
-    """Train one run and write its out folder atomically; returns the folder."""
+    """Train one run and write its out folder atomically; returns the folder.
+
+    Under torchrun every rank trains (data-parallel, see :func:`~pipeline.engine.loop.fit`)
+    and rank 0 alone writes the outs; every rank returns once they are written.
+    """
     data = build_data(params.data, params.seed)
     arch, cfg, fp = _plan(params, run, root)
     weights = params.teacher.weights if run.role == "teacher" else None
@@ -173,11 +178,14 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
     )
     result = fit(task, data.train, data.val, cfg, params.seed, spec, num_workers=workers)
     facts = task.finalize(result.history)
+    out = run.out_dir(root)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 writes the outs
+        return out
     deploy = task.deployable().cpu().eval()
     meta = {"role": run.role, "student": run.student, "method": run.method, "run": run.key,
             "class_names": list(data.class_names), "epochs": cfg.epochs,
             **provenance(fingerprint, root, git=False, device=device_label(pick_device()))}  # model.pt: no git facts
-    out = run.out_dir(root)
     with atomic_dir(out) as tmp:
         save_model_file(tmp / "model.pt", deploy, arch, data.num_classes, data.in_channels, data.image_size, meta)
         if (spec.state_dir / "route").is_dir():
@@ -191,6 +199,7 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
     with atomic_dir(run.live_dir(root)) as tmp:
         shutil.copytree(spec.state_dir / "live", tmp, dirs_exist_ok=True)
     shutil.rmtree(state_dir, ignore_errors=True)
+    distributed.barrier()
     return out
 
 
@@ -223,6 +232,8 @@ def evaluate(params: Params, run: RunId, root: Path = Path(".")) -> dict[str, An
     dumped = params.model_dump(mode="json")
     metrics["provenance"] = {**provenance(_hash_json({k: dumped[k] for k in ("seed", "data", "evaluate")}), root),
                              "train_params_sha256": info.get("params_sha256")}
+    if not distributed.is_main():  # launched under torchrun: rank 0 alone writes
+        return metrics
     atomic_write_json(run.plot_file(root, "confusion"), confusion_rows)
     atomic_write_json(run.plot_file(root, "per_class"), per_class)
     atomic_write_json(run.metrics_file(root), metrics)

@@ -5,10 +5,18 @@ checkpoints, DVCLive logs). The state is tagged with a fingerprint of everything
 that defines the run; a rerun with the same fingerprint resumes from the last
 finished epoch and ends bit-identical to an uninterrupted run, because each epoch's
 randomness depends only on (seed, epoch). A different fingerprint starts afresh.
+
+Under ``torchrun`` (several processes, see :mod:`pipeline.engine.distributed`) the same
+loop runs data-parallel: each rank trains on its slice of every global batch through
+``DistributedDataParallel``, the ranks agree on every metric and stop together on a
+non-finite loss, and rank 0 alone touches the state folder (it reads the resume state
+and hands it to the others, and writes checkpoints and DVCLive logs). A single process
+runs exactly the code path it always did.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -18,17 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from pipeline.config import TrainConfig
 from pipeline.distill.base import Distiller
+from pipeline.engine import distributed
 from pipeline.engine.atomic import atomic_write_json
 from pipeline.engine.checkpoint import STATE_FORMAT, CheckpointError, load_torch, save_torch
 from pipeline.engine.device import autocast, pick_device
 from pipeline.engine.evaluation import predict, topk_accuracy
 from pipeline.engine.optim import build_optimizer, build_scheduler
 from pipeline.engine.progress import Progress
-from pipeline.engine.seeding import rng_state, seed_epoch, seed_everything, set_rng_state
+from pipeline.engine.seeding import reseed_worker_for_rank, rng_state, seed_epoch, seed_everything, set_rng_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -120,8 +129,17 @@ def fit(
     num_workers: int = 0,
     device: torch.device | None = None,
 ) -> FitResult:
-    """Train ``task`` for ``cfg.epochs`` epochs, resuming from ``spec.state_dir`` when possible."""
+    """Train ``task`` for ``cfg.epochs`` epochs, resuming from ``spec.state_dir`` when possible.
+
+    Launched by torchrun with several processes, the run is data-parallel (module
+    docstring); ``cfg.batch_size`` is then the global batch, split over the ranks.
+    """
     t_start = time.perf_counter()
+    dist_on = distributed.init()
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    if dist_on:
+        distributed.local_batch_size(cfg.batch_size, world)  # a clear error before any work
     progress = Progress(spec.label, cfg.epochs)
     device = device or pick_device()
     seed_everything(seed)
@@ -136,7 +154,9 @@ def fit(
     history: list[dict[str, float]] = []
     start_epoch = 0
 
-    state = _prepare_state_dir(spec, progress)
+    state = _prepare_state_dir(spec, progress) if main else None
+    if dist_on:  # rank 0 alone reads the state folder (it may be on rank 0's node only)
+        state = distributed.broadcast_object(state)
     if state is not None:
         task.load_trainable_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -146,19 +166,32 @@ def fit(
         start_epoch = int(state["epoch"])
         set_rng_state(state["rng"])
         progress.note(f"resuming after epoch {start_epoch} from {spec.state_dir / 'last.pt'}")
-    live = _Live(spec.state_dir / "live", history)
+    live = _Live(spec.state_dir / "live", history) if main else None
+
+    forward: torch.nn.Module = task
+    if dist_on:
+        # Same starting point everywhere (weights, buffers, method state), then DDP over the trained parameters.
+        distributed.broadcast_tensors(task.trainable_state_dict().values())
+        forward = distributed.wrap(task, task.trainable_parameters(), device)
 
     n_train = len(train_set)
     drop_last = n_train % cfg.batch_size == 1  # a lone sample would break batch norm
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            gen = seed_epoch(seed, epoch)
+            gen = seed_epoch(seed, epoch, rank)
             task.train()
             task.on_epoch_start(epoch, cfg.epochs)
-            loader = DataLoader(
-                train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                num_workers=num_workers, drop_last=drop_last, pin_memory=device.type == "cuda",
-            )
+            if dist_on:
+                loader = DataLoader(
+                    train_set, batch_sampler=distributed.ShardedBatches(n_train, cfg.batch_size, rank, world, gen),
+                    generator=gen, num_workers=num_workers, pin_memory=device.type == "cuda",
+                    worker_init_fn=functools.partial(reseed_worker_for_rank, rank) if num_workers else None,
+                )
+            else:
+                loader = DataLoader(
+                    train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                    num_workers=num_workers, drop_last=drop_last, pin_memory=device.type == "cuda",
+                )
             sums: dict[str, float] = {}
             correct, seen = 0.0, 0
             for step, (images, labels, indices) in enumerate(progress.steps(loader, epoch, len(loader))):
@@ -168,14 +201,12 @@ def fit(
                 labels = labels.to(device, non_blocking=True)
                 indices = indices.to(device, non_blocking=True)
                 with autocast(device, use_amp):
-                    logits, terms = task(images, labels, indices)
+                    logits, terms = forward(images, labels, indices)
                     loss = torch.stack([v.float() for v in terms.values()]).sum()
-                if not torch.isfinite(loss):
-                    bad = {k: float(v.detach()) for k, v in terms.items()}
-                    raise NonFiniteLossError(
-                        f"[{spec.label}] loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                        f"(terms {bad}); stopped, last good checkpoint kept at {spec.state_dir / 'last.pt'}"
-                    )
+                finite = bool(torch.isfinite(loss))
+                bad_ranks = distributed.flagged_ranks(not finite) if dist_on else ([] if finite else [0])
+                if bad_ranks:  # every rank stops at the same step, before any gradient exchange
+                    raise NonFiniteLossError(_non_finite_message(spec, epoch, step, loss, terms, bad_ranks, dist_on))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip is not None:
@@ -191,29 +222,63 @@ def fit(
                 correct += float((logits.detach().argmax(1) == labels).sum())
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
+            if dist_on:
+                # Global means over every rank's samples; rank 0's buffers (batch-norm statistics,
+                # method state) for all, so validation, checkpoints and the next epoch agree.
+                totals = distributed.reduce_sums({**sums, "\0correct": correct, "\0seen": float(seen)})
+                correct, seen = totals.pop("\0correct"), int(totals.pop("\0seen"))
+                sums = totals
+                distributed.broadcast_tensors(_buffers(task))
 
             rec: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
             rec.update({f"train/{k}": v / max(seen, 1) for k, v in sums.items()})
             rec["train/top1"] = 100.0 * correct / max(seen, 1)
-            rec.update(_validate(task, val_set, spec.eval_batch_size, device, use_amp))
+            if dist_on:
+                rec.update(_validate_sharded(task, val_set, spec.eval_batch_size, device, use_amp))
+            else:
+                rec.update(_validate(task, val_set, spec.eval_batch_size, device, use_amp))
             history.append(rec)
 
-            ckpt = {
-                "format": STATE_FORMAT, "fingerprint": spec.fingerprint, "epoch": epoch + 1,
-                "model": task.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng_state(), "history": history,
-            }
-            if spec.route_every and ((epoch + 1) % spec.route_every == 0 or epoch + 1 == cfg.epochs):
-                save_torch({"format": "kdpipe-route/1", "epoch": epoch + 1,
-                            "state_dict": {k: v.detach().cpu() for k, v in task.deployable().state_dict().items()},
-                            "val_top1": rec.get("val/top1", math.nan)}, route_path(spec.state_dir, epoch + 1))
-            save_torch(ckpt, spec.state_dir / "last.pt")
-            live.log(rec)
+            if main:
+                ckpt = {
+                    "format": STATE_FORMAT, "fingerprint": spec.fingerprint, "epoch": epoch + 1,
+                    "model": task.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng_state(), "history": history,
+                }
+                if spec.route_every and ((epoch + 1) % spec.route_every == 0 or epoch + 1 == cfg.epochs):
+                    save_torch({"format": "kdpipe-route/1", "epoch": epoch + 1,
+                                "state_dict": {k: v.detach().cpu() for k, v in task.deployable().state_dict().items()},
+                                "val_top1": rec.get("val/top1", math.nan)}, route_path(spec.state_dir, epoch + 1))
+                save_torch(ckpt, spec.state_dir / "last.pt")
+                assert live is not None
+                live.log(rec)
             progress.epoch_done(epoch, {k: v for k, v in rec.items() if k in ("train/loss", "train/top1", "val/top1", "lr")})
     finally:
-        live.close()
+        if live is not None:
+            live.close()
+        del forward  # a DDP wrapper's gradient hooks must not outlive this run (phases share networks)
     return FitResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t_start)
+
+
+def _buffers(task: Distiller) -> list[torch.Tensor]:
+    """The task's own buffers (trained networks and method state; frozen networks excluded)."""
+    skip = task.frozen_prefixes()
+    return [b for name, b in task.named_buffers() if not name.startswith(skip)]
+
+
+def _non_finite_message(spec: RunSpec, epoch: int, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor],
+                        bad_ranks: list[int], dist_on: bool) -> str:
+    where = f"at epoch {epoch + 1}, step {step + 1}"
+    keep = f"last good checkpoint kept at {spec.state_dir / 'last.pt'}"
+    if not dist_on:
+        bad = {k: float(v.detach()) for k, v in terms.items()}
+        return f"[{spec.label}] loss became {loss.item()} {where} (terms {bad}); stopped, {keep}"
+    if torch.isfinite(loss):
+        return f"[{spec.label}] loss became non-finite on rank(s) {bad_ranks} {where}; every rank stopped, {keep}"
+    bad = {k: float(v.detach()) for k, v in terms.items()}
+    return (f"[{spec.label}] loss became {loss.item()} on rank(s) {bad_ranks} {where} (terms on rank "
+            f"{distributed.rank()}: {bad}); every rank stopped, {keep}")
 
 
 def _validate(task: Distiller, val_set, batch_size: int, device: torch.device, amp: bool) -> dict[str, float]:
@@ -224,4 +289,27 @@ def _validate(task: Distiller, val_set, batch_size: int, device: torch.device, a
         prefix = "val" if name == "model" else f"val_{name}"
         out[f"{prefix}/top1"] = 100.0 * topk_accuracy(lg, labels, 1)
         out[f"{prefix}/nll"] = torch.nn.functional.cross_entropy(lg, labels.long()).item()
+    return out
+
+
+def _validate_sharded(task: Distiller, val_set, batch_size: int, device: torch.device, amp: bool) -> dict[str, float]:
+    """:func:`_validate` under DDP: each rank scores a contiguous slice, the counts are summed over ranks."""
+    task.eval()
+    n, rank, world = len(val_set), distributed.rank(), distributed.world_size()
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    sums: dict[str, float] = {}
+    if hi > lo:
+        logits, labels = predict(task.eval_logits, Subset(val_set, range(lo, hi)), batch_size, device, amp)
+        for name, lg in logits.items():
+            sums[f"{name}\0correct"] = float((lg.argmax(1) == labels).sum())
+            sums[f"{name}\0nll"] = torch.nn.functional.cross_entropy(lg.double(), labels.long(), reduction="sum").item()
+    totals = distributed.reduce_sums(sums)
+    out: dict[str, float] = {}
+    for key in totals:
+        name, what = key.split("\0")
+        if what != "correct":
+            continue
+        prefix = "val" if name == "model" else f"val_{name}"
+        out[f"{prefix}/top1"] = 100.0 * totals[key] / n
+        out[f"{prefix}/nll"] = totals[f"{name}\0nll"] / n
     return out

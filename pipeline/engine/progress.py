@@ -8,6 +8,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Literal, TypeVar
 
+from pipeline.engine import distributed
+
 T = TypeVar("T")
 Mode = Literal["auto", "bar", "lines", "off"]
 
@@ -31,6 +33,8 @@ class Progress:
         if chosen not in ("auto", "bar", "lines", "off"):
             raise ValueError(f"KDPIPE_PROGRESS={chosen!r}; allowed: auto, bar, lines, off")
         self.mode = resolve_mode(chosen)  # type: ignore[arg-type]
+        if distributed.rank() != 0:  # under DDP rank 0 alone reports (the ranks agree on every metric)
+            self.mode = "off"
         self._t0 = time.perf_counter()
 
     def steps(self, iterable: Iterable[T], epoch: int, total: int | None = None) -> Iterator[T]:

@@ -29,14 +29,19 @@ def seed_everything(seed: int) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     """Reseed the global RNGs for one epoch and return the loader's shuffling generator.
 
     Each epoch's randomness (shuffle order, augmentation, dropout) depends only on
     (seed, epoch), so a run resumed at an epoch boundary replays exactly what an
     uninterrupted run would have done.
+
+    Under DDP every ``rank`` gets the same shuffling generator (all ranks cut their
+    shards from one permutation), but its own global RNG stream, so two ranks never
+    draw the same augmentation or dropout for the samples at the same position of
+    their shards. Rank 0's stream is the single-process one.
     """
-    s = derive_seed(seed, "epoch", epoch)
+    s = derive_seed(seed, "epoch", epoch) if rank == 0 else derive_seed(seed, "epoch", epoch, "rank", rank)
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
@@ -68,3 +73,15 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def reseed_worker_for_rank(rank: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` under DDP (use with ``functools.partial(reseed_worker_for_rank, rank)``).
+
+    Workers are seeded from the loader's generator, which is the same on every rank;
+    this folds the rank in so that the workers of different ranks augment differently.
+    """
+    s = derive_seed(torch.initial_seed(), "worker", rank, worker_id)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
