@@ -591,7 +591,8 @@ def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[s
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: the dotted key, what is wrong, the value given, what is allowed."""
+    """The dotted key, what is wrong, the value given, what is allowed: one line for a single
+    problem, else a heading and one indented line per problem."""
     lines = [f"invalid params in {source}:"]
     for e in err.errors():
         loc = tuple(p for p in e["loc"])
@@ -605,6 +606,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"  {key}: {msg}{shown}")
+    if len(lines) == 2:
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 
@@ -629,8 +632,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{p} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        elif getattr(err, "position", None) is not None:  # a reader error: a character YAML does not allow
+            where = f" at character {err.position + 1}"
+        else:
+            where = ""
+        problem = getattr(err, "problem", None) or (str(err).strip().splitlines() or ["unreadable"])[0]
+        raise ConfigError(f"{p} is not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{p} is not UTF-8 text: {err}") from None
     return parse_params(data, source=str(p))

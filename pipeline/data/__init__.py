@@ -5,7 +5,14 @@ test plus shape, class and normalisation facts); :func:`preprocessing_spec` turn
 them into the preprocessing a deployment runner repeats on raw images.
 """
 
-from pipeline.data.base import DATASET_NAMES, DatasetNotFoundError, DataSplits, build_data, register_dataset
+from pipeline.data.base import (
+    DATASET_NAMES,
+    BadDatasetError,
+    DatasetNotFoundError,
+    DataSplits,
+    build_data,
+    register_dataset,
+)
 from pipeline.data.images import ImageDataset
 from pipeline.data.preprocessing import preprocess_image, preprocessing_spec
 
@@ -14,6 +21,7 @@ from pipeline.data import digits, cifar, imagefolder, synthetic  # noqa: E402,F4
 
 __all__ = [
     "DATASET_NAMES",
+    "BadDatasetError",
     "DataSplits",
     "DatasetNotFoundError",
     "ImageDataset",

@@ -21,6 +21,16 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are not where ``data.root`` says; the message names the path and the expected layout."""
 
 
+class BadDatasetError(DatasetNotFoundError, ValueError):
+    """The dataset's files are there but cannot be used as they are: an unreadable image or batch file, an
+    empty class folder, class folders that differ between splits, too few samples to split. The message
+    names the file or folder and what to do.
+
+    A :class:`DatasetNotFoundError`, so that whatever turns dataset errors into a one-line message (the
+    stages print them without a traceback) treats it alike; a :class:`ValueError` for callers that expect one.
+    """
+
+
 @dataclass
 class DataSplits:
     """The four splits of one dataset plus what models, the engine and the deploy bundle need to know.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.data.base import DatasetNotFoundError, DataSplits, register_dataset
+from pipeline.data.base import BadDatasetError, DatasetNotFoundError, DataSplits, register_dataset
 from pipeline.data.images import ArrayStore
 from pipeline.data.splits import assemble_splits, carve_val
 
@@ -104,9 +104,9 @@ def _read_batch(path: Path) -> dict[str, Any]:
     try:
         entry = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable CIFAR python batch: {exc}") from exc
+        raise BadDatasetError(f"{path} is not a readable CIFAR python batch: {exc}") from exc
     if not isinstance(entry, dict):
-        raise ValueError(f"{path} is not a readable CIFAR python batch: expected a dict, got {type(entry).__name__}")
+        raise BadDatasetError(f"{path} is not a readable CIFAR python batch: expected a dict, got {type(entry).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
@@ -147,19 +147,19 @@ def read_cifar(
         for name in names:
             batch = _read_batch(folder / name)
             if "data" not in batch or layout.label_key not in batch:
-                raise ValueError(
+                raise BadDatasetError(
                     f"{folder / name} lacks the keys 'data' and {layout.label_key!r} of a {layout.title} batch"
                 )
             data = np.asarray(batch["data"], dtype=np.uint8)
             images.append(data.reshape(-1, 3, NATIVE_SIZE, NATIVE_SIZE))
             labels.append(np.asarray(batch[layout.label_key], dtype=np.int64))
             if len(images[-1]) != len(labels[-1]):
-                raise ValueError(f"{folder / name}: {len(images[-1])} images but {len(labels[-1])} labels")
+                raise BadDatasetError(f"{folder / name}: {len(images[-1])} images but {len(labels[-1])} labels")
         return np.concatenate(images), np.concatenate(labels)
 
     meta = _read_batch(folder / layout.meta_file)
     if layout.names_key not in meta:
-        raise ValueError(f"{folder / layout.meta_file} lacks the key {layout.names_key!r}")
+        raise BadDatasetError(f"{folder / layout.meta_file} lacks the key {layout.names_key!r}")
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[layout.names_key]]
     return images_and_labels(layout.train_files), images_and_labels((layout.test_file,)), names
 

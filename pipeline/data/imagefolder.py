@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.base import DatasetNotFoundError, DataSplits, register_dataset
+from pipeline.data.base import BadDatasetError, DatasetNotFoundError, DataSplits, register_dataset
 from pipeline.data.images import CACHE_BUDGET_BYTES, FOLDER_CACHE_MAX_FILES, FileStore, read_image_file
 from pipeline.data.splits import assemble_splits, carve_val
 
@@ -62,7 +62,7 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
         )
         if not images:
-            raise ValueError(
+            raise BadDatasetError(
                 f"class folder {folder} contains no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
                 "add images or remove the folder"
             )
@@ -90,7 +90,7 @@ def build_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
     if list(train_files) != list(val_files):
         only_train = sorted(set(train_files) - set(val_files))
         only_val = sorted(set(val_files) - set(train_files))
-        raise ValueError(
+        raise BadDatasetError(
             f"class folders of {root / 'train'} and {root / 'val'} differ: only in train/: {only_train}, "
             f"only in val/: {only_val}; both must hold the same classes"
         )
@@ -114,7 +114,7 @@ def build_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
                     decoded = _check(path, size, decode=cache is not None)
                 except Exception as exc:
                     if cfg.bad_images == "fail":
-                        raise ValueError(
+                        raise BadDatasetError(
                             f"unreadable image {path}: {exc}. Fix or remove it, or set data.bad_images: skip"
                         ) from exc
                     skipped.append(str(path))
@@ -125,7 +125,7 @@ def build_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
                 labels.append(label)
                 kept += 1
             if kept == 0:
-                raise ValueError(f"class folder {path.parent} has no readable images (all {len(images)} were skipped)")
+                raise BadDatasetError(f"class folder {path.parent} has no readable images (all {len(images)} were skipped)")
         return paths, np.asarray(labels, dtype=np.int64)
 
     pool_paths, pool_labels = usable(train_files)

@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from pipeline.data.base import BadDatasetError
+
 log = logging.getLogger(__name__)
 
 #: Largest float32 cache (bytes) one store builds in memory; bigger stores resize lazily per item.
@@ -157,7 +159,7 @@ class FileStore:
         try:
             return read_image_file(path, self.size)
         except Exception as exc:  # a file that changed or vanished after the build-time check
-            raise OSError(f"cannot read image {path}: {exc}") from exc
+            raise BadDatasetError(f"cannot read image {path}: {exc}") from exc
 
 
 def channel_stats(

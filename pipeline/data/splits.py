@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.data.base import DataSplits
+from pipeline.data.base import BadDatasetError, DataSplits
 from pipeline.data.images import ImageDataset, ImageStore, channel_stats, crop_padding
 
 if TYPE_CHECKING:
@@ -33,14 +33,14 @@ def _holdout(
     n_classes = len(np.unique(labels[indices]))
     n_hold = max(n_classes, int(round(fraction * n_total)))
     if n_hold > len(indices) - n_classes:
-        raise ValueError(
+        raise BadDatasetError(
             f"cannot hold out {n_hold} of {len(indices)} samples for {what} and keep every one of the "
             f"{n_classes} classes in the rest; lower the fraction or add data"
         )
     counts = np.bincount(labels[indices])
     if counts[counts > 0].min() < 2:
         small = [int(c) for c in np.flatnonzero((counts > 0) & (counts < 2))]
-        raise ValueError(
+        raise BadDatasetError(
             f"cannot split a stratified {what} set: class(es) {small} have a single sample; "
             "every class needs at least 2"
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.deploy.artifacts import INPUT_NAME
+from pipeline.deploy.artifacts import INPUT_NAME, DeployError
 
 #: Prefix of the metadata keys kdpipe writes.
 META_PREFIX = "kdpipe."
@@ -58,10 +58,21 @@ def model_metadata(
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The kdpipe metadata of an ONNX file, JSON values decoded (``kdpipe.`` prefix removed)."""
+    """The kdpipe metadata of an ONNX file, JSON values decoded (``kdpipe.`` prefix removed).
+
+    A missing file, a file that is not ONNX (protobuf cannot parse it) or an ONNX model
+    without kdpipe metadata raises :class:`~pipeline.deploy.artifacts.DeployError` naming the file.
+    """
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    p = Path(path)
+    if not p.is_file():
+        raise DeployError(f"{p} not found: run the export stage first (dvc repro export)")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as err:  # google.protobuf.message.DecodeError, OSError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DeployError(f"{p} is not an ONNX model ({first}); re-run the export stage") from None
     out: dict[str, Any] = {}
     for prop in model.metadata_props:
         if prop.key.startswith(META_PREFIX):
@@ -69,6 +80,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                 out[prop.key[len(META_PREFIX):]] = json.loads(prop.value)
             except ValueError:
                 out[prop.key[len(META_PREFIX):]] = prop.value
+    if "format" not in out:
+        raise DeployError(f"{p} is not a kdpipe ONNX export (it has no kdpipe metadata); re-run the export stage")
     return out
 
 

@@ -41,6 +41,11 @@ def load_torch(path: str | Path, expect_format: str | None = None) -> dict[str, 
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
+    with p.open("rb") as fh:
+        head = fh.read(2)
+    if not head.startswith((b"PK", b"\x80")):  # torch's zip format, or a (legacy) pickle of protocol >= 2
+        raise CheckpointError(f"cannot read checkpoint {p}: truncated or not a torch checkpoint "
+                              f"(it starts with {head!r}, neither a zip archive nor a pickle)")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -142,11 +142,11 @@ def open_session(
         sess = ort.InferenceSession(str(path), session_options(threads, graph_optimization, spinning),
                                     providers=providers)
     except Exception as err:  # onnxruntime raises its own pybind11 exception types (InvalidProtobuf, Fail, ...)
-        raise EdgeError(f"{path.name} is not a usable ONNX model: {_first_line(err)}") from None
+        raise EdgeError(f"{path} is not a usable ONNX model: {_first_line(err)}") from None
     inputs = sess.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         shapes = [(i.name, i.shape) for i in inputs]
-        raise EdgeError(f"{path.name} is not an image classifier with one NCHW input (inputs: {shapes})")
+        raise EdgeError(f"{path} is not an image classifier with one NCHW input (inputs: {shapes})")
     return sess
 
 
