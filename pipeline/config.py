@@ -590,25 +590,61 @@ def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[s
     return None
 
 
+def _problem(key: str, e: dict[str, Any], suffix: str = "") -> str:
+    msg = e["msg"].removeprefix("Value error, ")
+    value = e.get("input")
+    shown = "" if isinstance(value, dict) or f"got {value}" in msg else f" (got {value!r})"
+    return f"  {key}: {msg}{shown}{suffix}"
+
+
+def _message(source: str, problems: list[str]) -> str:
+    """One line for a single problem, else a heading and one indented line per problem."""
+    if len(problems) == 1:
+        return f"invalid params in {source}: {problems[0].strip()}"
+    return "\n".join([f"invalid params in {source}:", *problems])
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """The dotted key, what is wrong, the value given, what is allowed: one line for a single
-    problem, else a heading and one indented line per problem."""
-    lines = [f"invalid params in {source}:"]
+    """The dotted key, what is wrong, the value given, what is allowed, for every problem."""
+    problems = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(Params, loc)
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
-            lines.append(f"  {key}: unknown key{hint}")
+            problems.append(f"  {key}: unknown key{hint}")
             continue
-        msg = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {key}: {msg}{shown}")
-    if len(lines) == 2:
-        return f"{lines[0]} {lines[1].strip()}"
-    return "\n".join(lines)
+        problems.append(_problem(key, e))
+    return _message(source, problems)
+
+
+#: Where a field of the resolved recipe (TrainConfig) comes from in a run's ``train:`` overrides.
+_OVERRIDE_KEYS = {("epochs",): "epochs", ("batch_size",): "batch_size", ("optimizer", "lr"): "lr",
+                  ("optimizer", "weight_decay"): "weight_decay", ("schedule", "milestones"): "milestones"}
+
+
+def _check_resolved_recipes(params: Params, source: str) -> None:
+    """Every run's recipe (the shared ``train:`` with its overrides) must be valid at load, not when it runs.
+
+    Each section is valid alone, but an override can clash with the shared recipe
+    (``teacher.train.epochs: 3`` under ``train.schedule.warmup_epochs: 5``) or break a
+    rule only the whole recipe checks (``milestones: [0]``).
+    """
+    runs = [("teacher.train", params.teacher.train)]
+    runs += [(f"students.{name}.train", s.train) for name, s in params.students.items()]
+    problems = []
+    for where, overrides in runs:
+        try:
+            overrides.apply(params.train)
+        except ValidationError as err:
+            for e in err.errors():
+                loc = tuple(e["loc"])
+                key = _OVERRIDE_KEYS.get(loc[:2]) or _OVERRIDE_KEYS.get(loc[:1])
+                problems.append(_problem(f"{where}.{key}" if key else where, e,
+                                         "; checked on the shared train: recipe with these overrides"))
+    if problems:
+        raise ConfigError(_message(source, problems))
 
 
 def parse_params(data: Any, source: str = "params") -> Params:
@@ -618,9 +654,11 @@ def parse_params(data: Any, source: str = "params") -> Params:
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a YAML mapping of sections, got {type(data).__name__}")
     try:
-        return Params.model_validate(data)
+        params = Params.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    _check_resolved_recipes(params, source)
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
