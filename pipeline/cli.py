@@ -1,4 +1,9 @@
-"""``kdpipe``: the command line around the pipeline (listing, checking params, showing results)."""
+"""``kdpipe``: the command line around the pipeline.
+
+Run the pipeline as a Prefect flow (``run``), sweep params and seeds as DVC experiments
+(``sweep``), serve the flows as deployments (``serve``), show results, list models and
+methods, validate params, and inspect or clear stale DVC locks.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +58,13 @@ def collect_results(root: Path = Path(".")) -> list[dict]:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
+    if args.sweep:
+        md = Path(args.root) / "reports" / "sweeps" / f"{args.sweep}.md"
+        if not md.is_file():
+            print(f"no sweep table {md}; run `kdpipe sweep --name {args.sweep} ...` first", file=sys.stderr)
+            return 1
+        print(md.read_text())
+        return 0
     rows = collect_results(Path(args.root))
     if not rows:
         print(f"no results under {Path(args.root) / 'metrics'}; run `dvc repro` first", file=sys.stderr)
@@ -62,6 +74,85 @@ def _cmd_results(args: argparse.Namespace) -> int:
     for r in rows:
         cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
         print(" | ".join(cells))
+    return 0
+
+
+def _fail(err: BaseException, code: int) -> int:
+    print(f"kdpipe: {err}", file=sys.stderr)
+    return code
+
+
+def _run_flow(fn, **kwargs) -> int:  # noqa: ANN001
+    """Call a flow; user errors become one message and exit 2, failures of a run exit 1."""
+    from pipeline.config import ConfigError
+    from pipeline.dvc_locks import LockBusyError, StaleLockError
+    from pipeline.workspace import StageFailedError, WorkspaceBusyError
+
+    try:
+        result = fn(**kwargs)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        return _fail(err, 2)
+    except (StageFailedError, StaleLockError, LockBusyError, WorkspaceBusyError, RuntimeError) as err:
+        return _fail(err, 1)
+    print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=1, default=str))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.workspace import merged_params, parse_assignments
+
+    try:
+        overrides = parse_assignments(args.set)
+        merged_params(Path(args.workspace) / "params.yaml", overrides)  # fail before starting Prefect
+    except (ValueError, ConfigError) as err:
+        return _fail(err, 2)
+    from pipeline.flows import pipeline_flow
+
+    return _run_flow(pipeline_flow, params=overrides or None, targets=args.target or None, workspace=args.workspace,
+                     experiment=args.name, record=not args.no_record, force=args.force)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.workspace import merged_params, parse_assignments, sweep_plan
+
+    try:
+        grid = {k: v if isinstance(v, list) else [v] for k, v in parse_assignments(args.grid).items()}
+        for exp in sweep_plan("check", grid, args.seeds):  # fail before starting Prefect
+            merged_params(Path(args.workspace) / "params.yaml", {**exp.overrides, "seed": exp.seed})
+    except (ValueError, ConfigError) as err:
+        return _fail(err, 2)
+    from pipeline.flows import sweep_flow
+
+    code = _run_flow(sweep_flow, grid=grid, seeds=args.seeds, jobs=args.jobs, targets=args.target or None,
+                     workspace=args.workspace, name=args.name)
+    if code == 0 and args.name:
+        md = Path(args.workspace) / "reports" / "sweeps" / f"{args.name}.md"
+        if md.is_file():
+            print(md.read_text())
+    return code
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.flows import serve
+
+    serve(args.name, args.workspace)
+    return 0
+
+
+def _cmd_locks(args: argparse.Namespace) -> int:
+    from pipeline.dvc_locks import LockBusyError, clear_stale, inspect_locks
+
+    if not args.clear:
+        report = inspect_locks(args.workspace)
+        print(report.explain())
+        return 1 if (report.busy or report.has_stale) else 0
+    try:
+        removed = clear_stale(args.workspace)
+    except LockBusyError as err:
+        return _fail(f"nothing removed: {err}", 1)
+    print("\n".join(f"removed {r}" for r in removed) or "no stale locks")
     return 0
 
 
@@ -78,7 +169,38 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=_cmd_check)
     r = sub.add_parser("results", help="table of every evaluated model")
     r.add_argument("--root", default=".")
+    r.add_argument("--sweep", help="show the aggregated table of this sweep (reports/sweeps/NAME.md)")
     r.set_defaults(fn=_cmd_results)
+    run = sub.add_parser("run", help="run the pipeline as a Prefect flow (one task per DVC stage), recorded as a "
+                                     "DVC experiment")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a params key for this run (repeatable), e.g. distill.kd.temperature=2")
+    run.add_argument("--target", action="append", default=[], metavar="STAGE",
+                     help="reproduce only this stage and what it depends on (repeatable)")
+    run.add_argument("--name", help="experiment name (default: the flow run's name)")
+    run.add_argument("--no-record", action="store_true", help="do not save the run as a DVC experiment")
+    run.add_argument("--force", action="store_true", help="re-run stages even if DVC finds them up to date")
+    run.add_argument("--workspace", default=".")
+    run.set_defaults(fn=_cmd_run)
+    sw = sub.add_parser("sweep", help="queue params x seeds as DVC experiments, run them, aggregate over seeds")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2]",
+                    help="a params key and its values (YAML list), repeatable; combinations are crossed")
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    sw.add_argument("-j", "--jobs", type=int, default=1, help="experiments run at once (DVC queue workers)")
+    sw.add_argument("--target", action="append", default=[], metavar="STAGE")
+    sw.add_argument("--name", help="sweep name: prefix of the experiments and reports/sweeps/NAME.md")
+    sw.add_argument("--workspace", default=".")
+    sw.set_defaults(fn=_cmd_sweep)
+    sv = sub.add_parser("serve", help="serve the flows as Prefect deployments from this process")
+    sv.add_argument("--name", default="kdpipe")
+    sv.add_argument("--workspace", default=".")
+    sv.set_defaults(fn=_cmd_serve)
+    lk = sub.add_parser("locks", help="show who holds this workspace's DVC locks and which are stale")
+    lk.add_argument("--workspace", default=".")
+    lk.set_defaults(fn=_cmd_locks, clear=False)
+    ul = sub.add_parser("unlock", help="remove stale DVC locks (never one a live DVC process holds)")
+    ul.add_argument("--workspace", default=".")
+    ul.set_defaults(fn=_cmd_locks, clear=True)
     args = ap.parse_args(argv)
     return int(args.fn(args))
 

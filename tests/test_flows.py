@@ -1,0 +1,194 @@
+"""Prefect flow over DVC stages: order, retries, params overrides, experiments, artifacts, logs.
+
+The workspaces here are real git + DVC repositories whose stages are small shell
+commands (a stage that kills itself once, one that fails on bad input), so the
+orchestration is tested for real in seconds; tests/test_deployments.py runs the
+project's own pipeline through a real server and worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdpipe-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from tests.conftest import tiny_params, write_params  # noqa: E402
+from tests.prefect_api import artifacts, flow_run_logs, task_runs  # noqa: E402
+
+FLAKY = """\
+import os, signal, sys
+from pathlib import Path
+n = int(Path("attempts").read_text()) + 1 if Path("attempts").exists() else 1
+Path("attempts").write_text(str(n))
+print(f"flaky attempt {n}", flush=True)
+if n == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+Path("out").mkdir(exist_ok=True)
+Path("out/flaky.txt").write_text("ok")
+"""
+
+BAD = """\
+import sys
+from pathlib import Path
+n = int(Path("bad_attempts").read_text()) + 1 if Path("bad_attempts").exists() else 1
+Path("bad_attempts").write_text(str(n))
+print("data.label_noise: Input should be less than 1 (got 1.5)", file=sys.stderr)
+sys.exit(2)
+"""
+
+DVC_YAML = {
+    "stages": {
+        "first": {"cmd": "python -c \"import pathlib,yaml; p=yaml.safe_load(open('params.yaml')); "
+                         "pathlib.Path('out').mkdir(exist_ok=True); "
+                         "pathlib.Path('out/first.txt').write_text(str(p['distill']['kd']['temperature']))\"",
+                  "params": ["distill.kd.temperature"], "outs": ["out/first.txt"]},
+        "second": {"cmd": "python -c \"import pathlib; pathlib.Path('out/second.txt')"
+                          ".write_text(pathlib.Path('out/first.txt').read_text() + '!')\"",
+                   "deps": ["out/first.txt"], "outs": ["out/second.txt"]},
+        "flaky": {"cmd": "python flaky.py", "deps": ["out/second.txt"], "outs": ["out/flaky.txt"]},
+        "bad": {"cmd": "python bad.py", "outs": ["out/bad.txt"]},
+    }
+}
+
+
+def git(ws: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True)
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> Path:
+    ws = tmp_path / "toy"
+    ws.mkdir()
+    (ws / "flaky.py").write_text(FLAKY)
+    (ws / "bad.py").write_text(BAD)
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    write_params(ws / "params.yaml", tiny_params())
+    text = (ws / "params.yaml").read_text()
+    (ws / "params.yaml").write_text("# the toy workspace's params (this comment must survive overrides)\n" + text)
+    (ws / ".gitignore").write_text("/out/\n/attempts\n/bad_attempts\n/.kdpipe/\n")
+    git(ws, "init", "-q")
+    git(ws, "config", "user.email", "ci@example.invalid")
+    git(ws, "config", "user.name", "ci")
+    subprocess.run(["dvc", "init", "-q"], cwd=ws, check=True)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=ws, check=True)
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "toy")
+    return ws
+
+
+def test_stage_order_follows_dependencies(toy: Path):
+    from pipeline.workspace import stage_order
+
+    order = stage_order(toy)
+    assert order.index("first") < order.index("second") < order.index("flaky")
+    assert stage_order(toy, ["second"]) == ["first", "second"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        stage_order(toy, ["nope"])
+
+
+def test_flow_retries_a_killed_stage_records_an_experiment_and_restores_params(toy: Path):
+    from pipeline.flows import pipeline_flow
+    from pipeline.workspace import experiment_table
+
+    before = (toy / "params.yaml").read_text()
+    state = pipeline_flow(params={"distill.kd.temperature": 2.5}, targets=["flaky"], workspace=str(toy),
+                          experiment="toy-t25", return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["ran"] == ["first", "second", "flaky"]
+    assert (toy / "attempts").read_text() == "2"  # killed once by SIGKILL, retried, passed
+    assert (toy / "out" / "second.txt").read_text() == "2.5!"
+    assert (toy / "params.yaml").read_text() == before  # overrides applied for the run only
+    exps = {e["name"]: e for e in experiment_table(toy)}
+    assert exps["toy-t25"]["params"]["distill.kd.temperature"] == 2.5
+
+    run_id = state.state_details.flow_run_id
+    logs = flow_run_logs(run_id)
+    assert any("flaky attempt 1" in m for m in logs), "stage output must reach the run's log"
+    assert any("flaky attempt 2" in m for m in logs)
+    flaky = [t for t in task_runs(run_id) if t["name"].startswith("stage flaky")]
+    assert flaky and flaky[0]["run_count"] == 2 and flaky[0]["state"]["type"] == "COMPLETED"
+
+    # nothing changed: every stage is skipped by DVC, no experiment is needed to tell
+    again = pipeline_flow(params={"distill.kd.temperature": 2.5}, targets=["flaky"], workspace=str(toy),
+                          record=False)
+    assert again["ran"] == [] and set(again["stages"].values()) == {"up to date"}
+    assert (toy / "attempts").read_text() == "2"
+
+
+def test_failed_stage_with_bad_input_is_not_retried_and_its_message_is_logged(toy: Path):
+    from pipeline.flows import pipeline_flow
+    from pipeline.workspace import StageFailedError
+
+    state = pipeline_flow(targets=["bad"], workspace=str(toy), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailedError) as info:
+        state.result()
+    assert info.value.status == 2 and not info.value.transient
+    assert "label_noise" in str(info.value)
+    assert (toy / "bad_attempts").read_text() == "1"  # deterministic failure: no retry
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    assert any("data.label_noise: Input should be less than 1" in m for m in logs)
+
+
+def test_unknown_param_key_fails_before_any_stage_and_touches_nothing(toy: Path):
+    from pipeline.config import ConfigError
+    from pipeline.flows import pipeline_flow
+
+    before = (toy / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"distill\.kd\.temprature.*allowed keys"):
+        pipeline_flow(params={"distill.kd.temprature": 2}, workspace=str(toy))
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.lr"):
+        pipeline_flow(params={"train": {"optimizer": {"lr": -1}}}, workspace=str(toy))
+    assert (toy / "params.yaml").read_text() == before
+    assert not (toy / "out").exists() and not (toy / "dvc.lock").exists()
+
+
+def test_flow_publishes_results_and_report_artifacts(toy: Path):
+    from pipeline.flows import pipeline_flow
+
+    (toy / "metrics").mkdir()
+    (toy / "metrics" / "teacher.json").write_text(json.dumps({"top1": 91.5, "params": 10, "macs": 20}))
+    (toy / "reports").mkdir()
+    (toy / "reports" / "results.md").write_text("# Results\n\n| model | top1 |\n|---|---|\n| teacher | 91.5 |\n")
+    pipeline_flow(targets=["first"], workspace=str(toy), experiment="artifacts-check", record=False)
+    by_key = artifacts(["artifacts-check-results", "artifacts-check-report"])
+    assert by_key["artifacts-check-results"]["type"] == "table"
+    assert "91.5" in by_key["artifacts-check-results"]["data"]
+    assert by_key["artifacts-check-report"]["type"] == "markdown"
+    assert "# Results" in by_key["artifacts-check-report"]["data"]
+
+
+def test_cli_run_reports_bad_params_in_one_line(toy: Path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--set", "data.label_noise=1.5",
+                           "--workspace", str(toy)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "data.label_noise" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--set", "nonsense",
+                           "--workspace", str(toy)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr
+
+
+def test_apply_params_keeps_comments_and_validates_first(toy: Path):
+    from pipeline.config import ConfigError
+    from pipeline.workspace import apply_params, parse_assignments
+
+    f = toy / "params.yaml"
+    before = apply_params(f, parse_assignments(["distill.kd.temperature=3", "students.resnet8={}"]))
+    text = f.read_text()
+    assert text.startswith("# the toy workspace's params")
+    data = yaml.safe_load(text)
+    assert data["distill"]["kd"]["temperature"] == 3 and data["students"] == {"tinynet_s": {}, "resnet8": {}}
+    f.write_text(before)
+    with pytest.raises(ConfigError, match="teacher.model"):
+        apply_params(f, {"teacher.model": "resnet9000"})
+    assert f.read_text() == before
