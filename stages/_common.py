@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,17 +55,15 @@ def torchrun_command(torchrun_args: str, argv: Sequence[str], module: str | None
     return [sys.executable, "-m", "torch.distributed.run", *shlex.split(torchrun_args), *target, *argv[1:]]
 
 
-def _relaunch(name: str) -> int | None:
-    """Start this training stage again under torchrun if ``KDPIPE_TORCHRUN`` asks for it; its exit code."""
+def relaunch_command(name: str) -> list[str] | None:
+    """The torchrun command to start training stage ``name`` again under, if ``KDPIPE_TORCHRUN`` asks for it."""
     args = os.environ.get(TORCHRUN_ENV, "").strip()
     if not args or name not in TRAINING_STAGES or _under_launcher():
         return None
     import __main__
 
     spec = getattr(__main__, "__spec__", None)
-    cmd = torchrun_command(args, sys.argv, spec.name if spec is not None else None)
-    print(f"{name}: {TORCHRUN_ENV} is set, running: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    return torchrun_command(args, sys.argv, spec.name if spec is not None else None)
 
 
 def run_stage(name: str, body: Callable[[Params], object], params_path: str = "params.yaml") -> None:
@@ -80,9 +77,11 @@ def run_stage(name: str, body: Callable[[Params], object], params_path: str = "p
         from pipeline.engine import distributed as dist
     try:
         params = load_params(Path(params_path))  # a bad config stops here, before any launch
-        code = _relaunch(name)
-        if code is not None:
-            sys.exit(code)
+        cmd = relaunch_command(name)
+        if cmd is not None:  # this process becomes torchrun: signals, output and exit code are its own
+            print(f"{name}: {TORCHRUN_ENV} is set, running: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os.execv(cmd[0], cmd)
         if dist is not None and name in TRAINING_STAGES:
             dist.init()
         if dist is None or name in TRAINING_STAGES or dist.is_main():

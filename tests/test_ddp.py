@@ -108,18 +108,16 @@ def test_torchrun_relaunch_command(monkeypatch):
                                    "stages.distill")
     assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "-m", "stages.distill", "--student", "s"]
-    calls = []
-    monkeypatch.setattr(_common.subprocess, "call", lambda c: calls.append(c) or 0)
     monkeypatch.delenv(_common.TORCHRUN_ENV, raising=False)
-    assert _common._relaunch("train_teacher") is None  # not asked for
+    assert _common.relaunch_command("train_teacher") is None  # not asked for
     monkeypatch.setenv(_common.TORCHRUN_ENV, "--nproc_per_node 2")
-    assert _common._relaunch("evaluate") is None  # not a training stage
+    assert _common.relaunch_command("evaluate") is None  # not a training stage
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert _common._relaunch("train_teacher") is None  # already a torchrun worker
+    assert _common.relaunch_command("train_teacher") is None  # already a torchrun worker
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert _common._relaunch("train_teacher") == 0
-    assert calls and calls[0][1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd = _common.relaunch_command("train_teacher")
+    assert cmd is not None and cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
 
 # -- two processes, end to end ------------------------------------------------------------------
