@@ -1,8 +1,8 @@
 """Read what a flow run left in the Prefect API (states, logs, task runs, artifacts) for assertions.
 
-Raw JSON requests rather than the client's typed helpers: this Prefect version's client
-sends nulls for omitted filter fields (which the server rejects) or joins task runs
-(which hides flow-level artifacts).
+Raw JSON requests rather than the client's typed helpers: the typed artifact filter
+joins task runs when given, which hides flow-level artifacts, and raw bodies keep the
+assertions independent of client/server schema drift.
 """
 
 from __future__ import annotations

@@ -1,0 +1,155 @@
+"""A real Prefect server on 127.0.0.1, a process worker, `prefect deploy` and deployment runs.
+
+Everything runs as a user would run it from the README (`prefect server start`,
+`prefect work-pool create`, `prefect worker start`, `prefect deploy`, `prefect deployment
+run`), against a tiny configuration of the project's own pipeline in a temporary git +
+DVC repository; every process started here is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, make_workspace, tiny_params
+
+pytestmark = pytest.mark.slow
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - local test server
+        return json.loads(resp.read())
+
+
+def post(url: str, body: dict) -> list | dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "KDPIPE_PROGRESS": "lines"}
+    log = open(home / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                get(f"{api}/health")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()}") from None
+                time.sleep(1)
+        yield env
+    finally:
+        stop(proc)
+        log.close()
+
+
+def prefect(env: dict[str, str], cwd: Path, *args: str) -> str:
+    proc = subprocess.run(["prefect", "--no-prompt", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def wait_for_run(env: dict[str, str], run_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = get(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}")
+        if run["state_type"] in TERMINAL:
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s")
+
+
+def run_deployment(env: dict[str, str], ws: Path, *params: str) -> dict:
+    args = ["deployment", "run", "kdpipe-pipeline/pipeline"]
+    for p in params:
+        args += ["--param", p]
+    out = prefect(env, ws, *args)
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    assert run_id, out
+    return wait_for_run(env, run_id.group(1))
+
+
+def logs_of(env: dict[str, str], run_id: str) -> str:
+    rows = post(f"{env['PREFECT_API_URL']}/logs/filter",
+                {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": 0, "sort": "TIMESTAMP_ASC"})
+    return "\n".join(r["message"] for r in rows)
+
+
+def test_deployment_runs_on_a_process_worker(server: dict[str, str], tmp_path: Path):
+    env = server
+    ws = make_workspace(tmp_path / "ws", tiny_params(train={"epochs": 1}, teacher={"model": "tinynet_s"}))
+    shutil.copy2(REPO / "prefect.yaml", ws / "prefect.yaml")
+    subprocess.run(["git", "add", "prefect.yaml"], cwd=ws, check=True)
+    subprocess.run(["git", "commit", "-qm", "prefect.yaml"], cwd=ws, check=True)
+
+    prefect(env, ws, "work-pool", "create", "kdpipe", "--type", "process")
+    worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
+    worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "kdpipe"], cwd=ws, env=env,
+                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out = prefect(env, ws, "deploy", "--all")
+        assert "kdpipe-pipeline/pipeline" in out and "kdpipe-sweep/sweep" in out, out
+
+        run = run_deployment(env, ws, 'targets=["evaluate_teacher"]', 'params={"distill.kd.temperature": 3.0}')
+        assert run["state_type"] == "COMPLETED", (run["state"], logs_of(env, run["id"]),
+                                                  (tmp_path / "worker.log").read_text()[-3000:])
+        metrics = json.loads((ws / "metrics" / "teacher.json").read_text())
+        assert 0 <= metrics["top1"] <= 100
+        logs = logs_of(env, run["id"])
+        assert "2 of 2 stages need to run" in logs
+        assert "[teacher] epoch 1/1" in logs  # the stage's own output is in the run's log  # the stage's own output is in the run log
+        arts = post(f"{env['PREFECT_API_URL']}/artifacts/filter",
+                    {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 10, "offset": 0,
+                     "sort": "CREATED_DESC"})
+        assert any(a["type"] == "table" and "teacher" in a["data"] for a in arts), arts
+        exps = subprocess.run(["dvc", "exp", "show", "--json"], cwd=ws, capture_output=True, text=True).stdout
+        assert f"kdpipe-{run['name']}" in exps  # the run is a recorded DVC experiment
+        assert "temperature: 4.0" in (ws / "params.yaml").read_text()  # the override lasted one run only
+
+        bad = run_deployment(env, ws, 'params={"train.optimizer.lrr": 0.1}')
+        assert bad["state_type"] == "FAILED"
+        bad_logs = logs_of(env, bad["id"])
+        assert "train.optimizer.lrr" in bad_logs and "allowed keys" in bad_logs
+    finally:
+        stop(worker)
+        worker_log.close()
