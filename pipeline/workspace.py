@@ -360,8 +360,12 @@ def queue_experiments(root: Path, plan: Sequence[QueuedExperiment], targets: Seq
     """``dvc exp run --queue`` for each planned run (validated by the schema first: nothing is queued on bad params)."""
     for exp in plan:
         merged_params(root / "params.yaml", {**exp.overrides, "seed": exp.seed})
+    present = flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})
     for exp in plan:
-        sets = [a for k, v in {**exp.overrides, "seed": exp.seed}.items() for a in ("-S", f"{k}={_dvc_value(v)}")]
+        sets: list[str] = []
+        for k, v in flatten({**exp.overrides, "seed": exp.seed}).items():
+            new = "" if k in present else "+"  # DVC (Hydra) needs + for a key params.yaml does not have yet
+            sets += ["-S", f"{new}{k}={_dvc_value(v)}"]
         _dvc(root, "exp", "run", "--queue", "-n", exp.name, *sets, *targets)
 
 

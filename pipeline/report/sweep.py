@@ -43,6 +43,8 @@ def aggregate(experiments: Iterable[dict[str, Any]], plan: Iterable[Any]) -> lis
         for file, data in exp["metrics"].items():
             if not (file.startswith("metrics/") and file.endswith(".json")):
                 continue
+            if not any(isinstance(data.get(m), int | float) for m in METRICS):
+                continue  # a metrics file declared in dvc.yaml that this experiment did not produce
             model = file[len("metrics/"):-len(".json")]
             cell = groups.setdefault(label, {}).setdefault(model, {m: [] for m in METRICS})
             for m in METRICS:
