@@ -59,6 +59,7 @@ class LockReport:
     hardlink_lock_stale: bool = False
     rwlock: list[LockHolder] = field(default_factory=list)
     rwlock_corrupt: bool = False
+    flow_pid: int | None = None
 
     @property
     def live(self) -> list[LockHolder]:
@@ -70,16 +71,24 @@ class LockReport:
 
     @property
     def busy(self) -> bool:
-        return self.repo_lock_held or bool(self.live)
+        return self.repo_lock_held or bool(self.live) or self.flow_pid is not None
 
     @property
     def has_stale(self) -> bool:
         return bool(self.stale) or self.hardlink_lock_stale or self.rwlock_corrupt
 
+    @property
+    def blocking(self) -> bool:
+        """Stale locks that DVC will not clear by itself (it drops entries of dead PIDs on its own)."""
+        reused = any(h.alive and not h.is_dvc for h in self.rwlock)
+        return reused or self.hardlink_lock_stale or self.rwlock_corrupt
+
     def explain(self) -> str:
         """A human explanation: what holds what and the command that fixes it."""
         tmp = self.root / ".dvc" / "tmp"
         lines: list[str] = []
+        if self.flow_pid is not None:
+            lines.append(f"a kdpipe flow (PID {self.flow_pid}) is running in this workspace; wait for it to finish")
         if self.repo_lock_held:
             who = f"PID {self.repo_lock_pid}" if self.repo_lock_pid else "another process"
             lines.append(f"the DVC repository lock {tmp / 'lock'} is held by {who}: a DVC command is running "
@@ -87,7 +96,8 @@ class LockReport:
         for h in self.live:
             lines.append(f"live DVC process PID {h.pid} ({h.cmd}) holds {', '.join(h.paths)}; wait for it to finish")
         for h in self.stale:
-            why = "no longer exists" if not h.alive else "now belongs to another program"
+            why = ("no longer exists (DVC drops such entries itself)" if not h.alive
+                   else "now belongs to another program, so DVC waits for it forever")
             lines.append(f"stale entry in {tmp / 'rwlock'}: PID {h.pid} ({h.cmd}) {why}; "
                          f"it holds {', '.join(h.paths)}")
         if self.rwlock_corrupt:
@@ -103,18 +113,59 @@ class LockReport:
         return "\n".join(lines) if lines else "no DVC locks held"
 
 
-def _is_dvc_process(pid: int) -> tuple[bool, bool]:
-    """(alive, looks like DVC) for a PID; zombies count as dead."""
+def _holder_state(pid: int, cmd: str, written: float) -> tuple[bool, bool]:
+    """(alive, still the process that wrote the entry) for a PID named in the rwlock.
+
+    A PID is the writer when its command line is the one recorded, or when the process
+    already existed at the rwlock's last write (a reused PID belongs to a process started
+    after the writer died, hence after the entry). Zombies count as dead; a process we may
+    not inspect counts as the writer (never remove what might be live).
+    """
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False, False
-        cmdline = " ".join(proc.cmdline())
+        same_cmd = " ".join(proc.cmdline()) == cmd
+        return True, same_cmd or proc.create_time() <= written + 1.0
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False, False
     except psutil.AccessDenied:
-        return True, True  # cannot tell: treat as a live DVC process (never delete its lock)
-    return True, "dvc" in cmdline.lower()
+        return True, True
+
+
+def _flow_lock_holder(root: Path) -> int | None:
+    """PID of the kdpipe flow holding this workspace (``.kdpipe/flow.lock``), if one does."""
+    lock = root / ".kdpipe" / "flow.lock"
+    if not lock.exists():
+        return None
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = lock.read_text(errors="replace").strip()
+        pid = int(text) if text.isdigit() else -1
+        return None if pid == os.getpid() else pid  # the flow asking holds it itself
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def live_dvc_processes(root: Path) -> list[int]:
+    """PIDs of live DVC processes whose working directory is inside ``root`` (this user's processes)."""
+    found: list[int] = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        info = proc.info
+        if info.get("status") == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+            continue
+        cmd = info.get("cmdline") or []
+        is_dvc = any(Path(a).name == "dvc" or a.endswith(("dvc/__main__.py", "dvc/cli/__init__.py")) for a in cmd[:3])
+        is_dvc = is_dvc or (len(cmd) > 2 and cmd[1] == "-m" and cmd[2] == "dvc")
+        cwd = info.get("cwd")
+        if is_dvc and cwd and (Path(cwd) == root or root in Path(cwd).parents):
+            found.append(proc.pid)
+    return found
 
 
 def _probe_repo_lock(lock: Path) -> tuple[bool, int | None]:
@@ -154,20 +205,21 @@ def inspect_locks(root: Path | str = ".") -> LockReport:
     tmp = root / ".dvc" / "tmp"
     report = LockReport(root=root)
     lock = tmp / "lock"
+    report.flow_pid = _flow_lock_holder(root)
     if _hardlink_mode(root):
+        # a flufl lock file names its claim file, not a PID: whether it is live is told by the
+        # DVC processes working in this workspace right now
         if lock.exists():
-            # flufl writes "<hostname>.<pid>..." claim names into the lock file
-            text = lock.read_text(errors="replace")
-            pids = [int(p) for p in text.replace("|", ".").split(".") if p.isdigit()]
-            alive = any(_is_dvc_process(p)[0] for p in pids)
-            report.repo_lock_held = alive
-            report.repo_lock_pid = pids[0] if pids else None
-            report.hardlink_lock_stale = not alive
+            live = live_dvc_processes(root) + ([report.flow_pid] if report.flow_pid else [])
+            report.repo_lock_held = bool(live)
+            report.repo_lock_pid = live[0] if live else None
+            report.hardlink_lock_stale = not live
     else:
         report.repo_lock_held, report.repo_lock_pid = _probe_repo_lock(lock)
 
     rw = tmp / "rwlock"
     if rw.is_file():
+        written = rw.stat().st_mtime
         try:
             table = json.loads(rw.read_text() or "{}")
         except ValueError:
@@ -179,19 +231,23 @@ def inspect_locks(root: Path | str = ".") -> LockReport:
                 for info in infos if isinstance(infos, list) else [infos]:
                     pid = int(info.get("pid", -1))
                     if pid not in by_pid:
-                        alive, is_dvc = _is_dvc_process(pid) if pid > 0 else (False, False)
-                        by_pid[pid] = LockHolder(pid=pid, cmd=str(info.get("cmd", "?")), alive=alive, is_dvc=is_dvc)
+                        cmd = str(info.get("cmd", "?"))
+                        alive, same = _holder_state(pid, cmd, written) if pid > 0 else (False, False)
+                        by_pid[pid] = LockHolder(pid=pid, cmd=cmd, alive=alive, is_dvc=same)
                     by_pid[pid].paths.append(f"{path} ({mode})")
         report.rwlock = list(by_pid.values())
     return report
 
 
 def ensure_unlocked(root: Path | str = ".") -> LockReport:
-    """Raise :class:`LockBusyError` or :class:`StaleLockError` (with the explanation) unless the workspace is free."""
+    """Raise :class:`LockBusyError` or :class:`StaleLockError` (with the explanation) unless the workspace is free.
+
+    Entries of dead PIDs do not count: DVC removes those itself at its next command.
+    """
     report = inspect_locks(root)
     if report.busy:
         raise LockBusyError(report.explain())
-    if report.has_stale:
+    if report.blocking:
         raise StaleLockError(report.explain())
     return report
 
@@ -210,8 +266,14 @@ def clear_stale(root: Path | str = ".") -> list[str]:
 
     tmp = root / ".dvc" / "tmp"
     removed: list[str] = []
+    live = live_dvc_processes(root)
+    if live:
+        raise LockBusyError(f"DVC process(es) {live} are running in {root}; nothing removed while they live")
     if report.hardlink_lock_stale:
+        claim = (tmp / "lock").read_text(errors="replace").strip()
         (tmp / "lock").unlink(missing_ok=True)
+        if claim and Path(claim).name.endswith(".lock"):
+            (root / claim if not Path(claim).is_absolute() else Path(claim)).unlink(missing_ok=True)
         removed.append(f"stale hard-link lock {tmp / 'lock'}")
     with make_lock(str(tmp / "lock"), tmp_dir=str(tmp), hardlink_lock=_hardlink_mode(root)):
         again = inspect_locks(root)  # re-check under the lock: nothing live may have appeared

@@ -1,0 +1,147 @@
+"""DVC locks with real DVC processes: live ones are never touched, stale ones are explained and cleared."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.dvc_locks import LockBusyError, StaleLockError, clear_stale, ensure_unlocked, inspect_locks
+
+pytestmark = pytest.mark.slow  # real DVC processes and DVC's lock time-outs (~45 s)
+
+SLOW_STAGE = {"stages": {"slow": {"cmd": "python -c \"import time, pathlib; time.sleep(6); "
+                                         "pathlib.Path('o.txt').write_text('x')\"", "outs": ["o.txt"]}}}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    ws = tmp_path / "repo"
+    ws.mkdir()
+    (ws / "dvc.yaml").write_text(json.dumps(SLOW_STAGE))
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=ws, check=True)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=ws, check=True)
+    return ws
+
+
+def start_repro(ws: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(["dvc", "repro"], cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 30
+    rw = ws / ".dvc" / "tmp" / "rwlock"
+    while not (rw.is_file() and "pid" in rw.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "dvc repro did not take its lock"
+        time.sleep(0.1)
+    return proc
+
+
+def kdpipe(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--workspace", str(ws)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_live_dvc_process_is_reported_and_its_lock_never_removed(repo: Path):
+    proc = start_repro(repo)
+    try:
+        rw = repo / ".dvc" / "tmp" / "rwlock"
+        before = rw.read_bytes()
+        report = inspect_locks(repo)
+        assert report.busy and [h.pid for h in report.live] == [proc.pid]
+        assert "wait for it to finish" in report.explain()
+        with pytest.raises(LockBusyError):
+            clear_stale(repo)
+        with pytest.raises(LockBusyError):
+            ensure_unlocked(repo)
+        out = kdpipe(repo, "unlock")
+        assert out.returncode == 1 and "nothing removed" in out.stderr
+        assert rw.read_bytes() == before
+    finally:
+        assert proc.wait(timeout=60) == 0  # the live run was not disturbed
+    assert (repo / "o.txt").read_text() == "x"
+
+
+def test_a_killed_run_leaves_a_dead_pid_that_dvc_clears_itself(repo: Path):
+    proc = start_repro(repo)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    report = inspect_locks(repo)
+    assert not report.busy and [h.pid for h in report.stale] == [proc.pid] and not report.blocking
+    assert "no longer exists" in report.explain()
+    ensure_unlocked(repo)  # DVC drops dead PIDs at its next command: nothing to do
+    done = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not inspect_locks(repo).has_stale
+
+
+def test_a_reused_pid_blocks_dvc_until_kdpipe_unlock(repo: Path):
+    proc = start_repro(repo)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rw = repo / ".dvc" / "tmp" / "rwlock"
+    other = subprocess.Popen(["sleep", "120"])  # stands for an unrelated program that got the dead run's PID
+    try:
+        time.sleep(1.1)
+        rw.write_text(rw.read_text().replace(str(proc.pid), str(other.pid)))
+        os.utime(rw, (time.time() - 60, time.time() - 60))  # the entry predates the program
+        blocked = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, timeout=120)
+        assert blocked.returncode != 0 and "is busy" in blocked.stderr  # what users hit without us
+        report = inspect_locks(repo)
+        assert report.blocking and "now belongs to another program" in report.explain()
+        with pytest.raises(StaleLockError, match="kdpipe unlock"):
+            ensure_unlocked(repo)
+        shown = kdpipe(repo, "locks")
+        assert shown.returncode == 1 and "kdpipe unlock" in shown.stdout
+        out = kdpipe(repo, "unlock")
+        assert out.returncode == 0 and f"PID {other.pid}" in out.stdout
+        assert other.poll() is None  # the unrelated program is untouched
+        done = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_stale_hardlink_lock_is_detected_and_cleared(repo: Path):
+    subprocess.run(["dvc", "config", "core.hardlink_lock", "true"], cwd=repo, check=True)
+    # a DVC process killed while holding the repository lock (hard-link locks outlive their process)
+    killed = subprocess.run([sys.executable, "-c", "import os, signal\nfrom dvc.lock import make_lock\n"
+                             "make_lock('.dvc/tmp/lock', tmp_dir='.dvc/tmp', hardlink_lock=True).lock()\n"
+                             "os.kill(os.getpid(), signal.SIGKILL)"], cwd=repo)
+    assert killed.returncode == -signal.SIGKILL
+    stuck = subprocess.run(["dvc", "status"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert stuck.returncode != 0 and "Unable to acquire lock" in stuck.stderr
+    report = inspect_locks(repo)
+    assert report.hardlink_lock_stale and report.blocking and not report.busy
+    assert "left by a killed run" in report.explain()
+    assert any("hard-link lock" in r for r in clear_stale(repo))
+    ok = subprocess.run(["dvc", "status"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_the_flow_in_progress_counts_as_busy_for_others(repo: Path):
+    from pipeline.workspace import workspace_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from pipeline.workspace import workspace_lock\n"
+                               "with workspace_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n"
+                               "    time.sleep(30)", str(repo)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        report = inspect_locks(repo)
+        assert report.flow_pid == holder.pid and report.busy
+        with pytest.raises(Exception, match="busy"):
+            with workspace_lock(repo, timeout=1):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not inspect_locks(repo).busy
+    with workspace_lock(repo, timeout=1):
+        assert inspect_locks(repo).flow_pid is None  # our own hold is not someone else's
