@@ -192,3 +192,11 @@ def test_deploy_outputs_record_provenance(twins):
     section = md[md.index("## Provenance"):]
     assert f"`{revision[:12]}`" in section and "`metrics/kd/tinynet_s.json`" in section
     assert section.count("\n| `") == len(results)  # one row per output
+
+
+def test_onnx_files_hold_no_path_of_this_machine(twins):
+    """The exporter's stack traces name the source files by absolute path: two checkouts would differ."""
+    a, _, _ = twins
+    for f in (a / "exports").rglob("*.onnx"):
+        data = f.read_bytes()
+        assert str(REPO).encode() not in data and b'.py", line' not in data, f

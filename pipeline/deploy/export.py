@@ -42,6 +42,29 @@ from pipeline.deploy.metadata import model_metadata, set_metadata
 #: Protobuf's hard limit; bigger models need external data files.
 PROTOBUF_LIMIT = 2 * 1024**3
 
+#: Node metadata the dynamo exporter writes that holds absolute paths of this machine's source files.
+LOCAL_PATH_KEYS = frozenset({"pkg.torch.onnx.stack_trace"})
+
+
+def strip_local_paths(proto: Any) -> None:
+    """Drop node metadata holding this machine's file paths (the exporter's Python stack traces).
+
+    They would make the same model exported from two checkouts differ in bytes, and ship
+    the developer's paths to the device; the module names, FX nodes and name scopes stay.
+    """
+    graphs = [proto.graph, *proto.functions]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            kept = [(p.key, p.value) for p in node.metadata_props if p.key not in LOCAL_PATH_KEYS]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                for key, value in kept:
+                    entry = node.metadata_props.add()
+                    entry.key, entry.value = key, value
+            graphs += [a.g for a in node.attribute if a.HasField("g")]  # If/Loop bodies
+            graphs += [g for a in node.attribute for g in a.graphs]
+
 
 def _quiet_export(*args: Any, **kwargs: Any) -> Any:
     """``torch.onnx.export`` without its progress prints and deprecation chatter."""
@@ -87,6 +110,7 @@ def export_onnx(
     if program is None:
         raise DeployError("torch.onnx.export returned no program (dynamo exporter unavailable?)")
     proto = program.model_proto
+    strip_local_paths(proto)
     set_metadata(proto, dict(metadata or {}))
     proto.producer_name, proto.producer_version = "kdpipe", __version__
     out.parent.mkdir(parents=True, exist_ok=True)
