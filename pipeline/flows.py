@@ -137,8 +137,11 @@ def pipeline_flow(
     if not (root / "dvc.yaml").is_file():
         raise FileNotFoundError(f"workspace {root} has no dvc.yaml (flow parameter `workspace`)")
     with ws.workspace_lock(root):
+        if ws.restore_run_params(root):
+            log.warning("params.yaml put back as it was before a run that was killed with overrides applied")
         ensure_unlocked(root)
-        previous = ws.apply_params(root / "params.yaml", params) if params else None
+        if params:
+            ws.apply_run_params(root, params)
         try:
             if params:
                 log.info("params overrides: %s", ws.flatten(params))
@@ -155,8 +158,7 @@ def pipeline_flow(
             elif record:
                 log.warning("%s is not a git repository with a commit: run not recorded as a DVC experiment", root)
         finally:
-            if previous is not None:
-                ws.restore_text(root / "params.yaml", previous)
+            ws.restore_run_params(root)
     publish(root, experiment or "kdpipe")
     ran = [s for s, o in outcome.items() if o == "ran"]
     return {"workspace": str(root), "stages": outcome, "ran": ran, "experiment": name}

@@ -298,6 +298,30 @@ def apply_params(params_file: Path, overrides: Mapping[str, Any]) -> str:
     return before
 
 
+PARAMS_BACKUP = Path(".kdpipe") / "params.before-run.yaml"
+
+
+def apply_run_params(root: Path, overrides: Mapping[str, Any]) -> None:
+    """Apply a run's overrides to ``params.yaml``, keeping the previous text in ``.kdpipe/`` until
+    :func:`restore_run_params` puts it back (so a run killed in between is undone by the next one)."""
+    params_file = root / "params.yaml"
+    merged_params(params_file, overrides)  # validate before keeping anything
+    backup = root / PARAMS_BACKUP
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    restore_text(backup, params_file.read_text())
+    apply_params(params_file, overrides)
+
+
+def restore_run_params(root: Path) -> bool:
+    """Put back the ``params.yaml`` a run changed (also one a killed run left); returns whether it did."""
+    backup = root / PARAMS_BACKUP
+    if not backup.is_file():
+        return False
+    restore_text(root / "params.yaml", backup.read_text())
+    backup.unlink()
+    return True
+
+
 def restore_text(path: Path, text: str) -> None:
     """Put a file's earlier text back atomically."""
     tmp = path.with_name(f".{path.name}.kdpipe-tmp")

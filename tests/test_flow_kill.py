@@ -1,0 +1,57 @@
+"""A Prefect flow run killed mid-stage (SIGKILL of the whole process group): the next run
+continues from where DVC and the checkpoints stand, and puts params.yaml back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_workspace, tiny_params
+
+pytestmark = pytest.mark.slow
+
+PARAMS = tiny_params(data={"synthetic_samples": 1200}, teacher={"model": "tinynet_m", "train": {"epochs": 6}})
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_killed_flow_resumes_the_stage_and_restores_params(tmp_path: Path):
+    ref = make_workspace(tmp_path / "ref", PARAMS)
+    subprocess.run(["dvc", "repro", "train_teacher"], cwd=ref, check=True, capture_output=True)
+
+    ws = make_workspace(tmp_path / "ws", PARAMS)
+    original = (ws / "params.yaml").read_text()
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--target", "train_teacher", "--no-record"]
+    proc = subprocess.Popen([*cmd, "--set", "distill.kd.temperature=3"], cwd=ws, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        seen.append(line)
+        if "[teacher] epoch 2/6" in line:
+            os.killpg(proc.pid, signal.SIGKILL)  # flow, temporary server, DVC and the stage at once
+            break
+        assert time.monotonic() < deadline, "".join(seen[-20:])
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    assert "temperature: 3" in (ws / "params.yaml").read_text()  # killed with the override applied
+    assert not (ws / "runs" / "teacher" / "model.pt").exists()
+
+    again = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=600)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "put back as it was before a run that was killed" in out
+    assert "resuming after epoch" in out and "resuming after epoch 0" not in out
+    assert (ws / "params.yaml").read_text() == original
+    assert sha(ws / "runs" / "teacher" / "model.pt") == sha(ref / "runs" / "teacher" / "model.pt")
+    status = subprocess.run(["dvc", "status", "train_teacher"], cwd=ws, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
