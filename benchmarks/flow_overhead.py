@@ -18,21 +18,12 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+from repro_time import timed  # same folder: the script's directory is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return dt, proc.stdout + proc.stderr
 
 
 def clone(dest: Path, epochs: int) -> Path:

@@ -37,6 +37,14 @@ def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0) -> Ten
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
+def hinton_terms(logits_s: Tensor, logits_t: Tensor, labels: Tensor, ce_weight: float, kd_weight: float,
+                 temperature: float) -> dict[str, Tensor]:
+    """Hinton's objective as the loop's named terms: ``ce_weight * CE(z_s, y)`` and
+    ``kd_weight * kd_loss(z_s, z_t, T)`` (shared by KD and by methods that end in plain KD, e.g. AB)."""
+    return {"ce": ce_weight * F.cross_entropy(logits_s, labels),
+            "kd": kd_weight * kd_loss(logits_s, logits_t, temperature)}
+
+
 def dkd_loss(
     logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0
 ) -> Tensor:

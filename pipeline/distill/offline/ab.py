@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import ABConfig
 from pipeline.distill.base import Distiller, MethodContext, Phase
-from pipeline.distill.losses import ab_loss, kd_loss
+from pipeline.distill.losses import ab_loss, hinton_terms
 from pipeline.distill.offline.common import ConvRegressor, paired_stages, probe, require_staged, setup_error
 from pipeline.distill.registry import register_method
 
@@ -103,7 +102,5 @@ class AB(Distiller):
     def forward(self, images: Tensor, labels: Tensor, indices: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits_t = self.teacher_forward(images)
         logits_s = self.student(images)
-        return logits_s, {
-            "ce": self.cfg.ce_weight * F.cross_entropy(logits_s, labels),
-            "kd": self.cfg.kd_weight * kd_loss(logits_s, logits_t, self.cfg.temperature),
-        }
+        c = self.cfg
+        return logits_s, hinton_terms(logits_s, logits_t, labels, c.ce_weight, c.kd_weight, c.temperature)

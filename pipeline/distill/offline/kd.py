@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import KDConfig
 from pipeline.distill.base import Distiller, MethodContext
-from pipeline.distill.losses import kd_loss
+from pipeline.distill.losses import hinton_terms
 from pipeline.distill.registry import register_method
 
 
@@ -24,7 +23,5 @@ class KD(Distiller):
     def forward(self, images: Tensor, labels: Tensor, indices: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits_t = self.teacher_forward(images)
         logits_s = self.student(images)
-        return logits_s, {
-            "ce": self.cfg.ce_weight * F.cross_entropy(logits_s, labels),
-            "kd": self.cfg.kd_weight * kd_loss(logits_s, logits_t, self.cfg.temperature),
-        }
+        c = self.cfg
+        return logits_s, hinton_terms(logits_s, logits_t, labels, c.ce_weight, c.kd_weight, c.temperature)
