@@ -190,8 +190,9 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
         save_model_file(tmp / "model.pt", deploy, arch, data.num_classes, data.in_channels, data.image_size, meta)
         if (spec.state_dir / "route").is_dir():
             shutil.copytree(spec.state_dir / "route", tmp / "route")
+        # no resume record here: a resumed run's outs must be byte-identical to an uninterrupted run's
+        # (the stage log says "resuming after epoch N")
         atomic_write_json(tmp / "train.json", {"final": result.final, "epochs": len(result.history),
-                                               "resumed_from_epoch": result.resumed_from,
                                                "meta": meta, "method_facts": facts,  # no wall-clock: same params, same bytes
                                                "provenance": provenance(fingerprint, root, device=meta["device"])})
         if isinstance(task, OnlineDistiller):  # every trained network, for the ensemble's test score

@@ -123,8 +123,8 @@ def test_torchrun_relaunch_command(monkeypatch):
 # -- two processes, end to end ------------------------------------------------------------------
 
 EPOCHS = 6
-RUNS = ["teacher", "distill:tinynet_s:kd", "online:tinynet_s:dml"]
-KEYS = ["teacher", "kd/tinynet_s", "dml/tinynet_s"]
+RUNS = ["teacher", "distill:tinynet_s:kd", "distill:tinynet_s:crd", "online:tinynet_s:dml"]
+KEYS = ["teacher", "kd/tinynet_s", "crd/tinynet_s", "dml/tinynet_s"]
 # Final validation top-1 of the 2-process run vs the single process (72 validation images, 1.4 points each).
 # Both runs see the same global batches, but each rank normalises its batch-norm layers over its own 16
 # images (not 32) and rank 1 draws its own augmentations, so they are not bit-identical; on this config

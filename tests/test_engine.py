@@ -185,3 +185,31 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good(tmp_path: Path, 
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1"):
         fit(task, data.train, data.val, _cfg(3), 0, _spec(tmp_path, "nan"))
     assert load_torch(tmp_path / "nan" / "last.pt")["epoch"] == 1
+
+
+def test_atomic_writes_clear_what_killed_writers_left(tmp_path: Path):
+    import os
+    import subprocess
+
+    from pipeline.engine.atomic import atomic_dir
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = os.getppid()  # a live process: its temp files are still being written
+    (tmp_path / f".a.json.kdtmp-{dead.pid}-x1.tmp").write_text("half")
+    (tmp_path / f".a.json.kdtmp-{live}-x2.tmp").write_text("in progress")
+    atomic_write_text(tmp_path / "a.json", "{}")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f".a.json.kdtmp-{live}-x2.tmp", "a.json"]
+    # killed between the two renames of a folder swap: the previous folder comes back, the new one goes
+    (tmp_path / f".d.kdtmp-{dead.pid}-old").mkdir()
+    (tmp_path / f".d.kdtmp-{dead.pid}-old" / "v").write_text("previous")
+    (tmp_path / f".d.kdtmp-{dead.pid}-y.tmp").mkdir()
+    with atomic_dir(tmp_path / "other") as d:
+        (d / "v").write_text("x")
+    assert not (tmp_path / "d").exists()  # only the siblings of the path being written are touched
+    with atomic_dir(tmp_path / "d") as d:
+        assert (tmp_path / "d" / "v").read_text() == "previous"
+        (d / "v").write_text("new")
+    assert (tmp_path / "d" / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir() if ".d." in p.name) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -118,9 +119,15 @@ def test_killed_repro_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: P
     proc.wait()
     assert not (b / "runs" / "teacher" / "model.pt").exists()  # nothing half-written as an out
 
-    dvc(b, "repro", "train_teacher")
+    out = dvc(b, "repro", "train_teacher")
+    resumed = re.search(r"resuming after epoch (\d+)", out)
+    assert resumed and int(resumed.group(1)) >= 2, out
     info = json.loads((b / "runs" / "teacher" / "train.json").read_text())
-    assert info["resumed_from_epoch"] >= 2
+    record_a = json.loads((a / "runs/teacher/train.json").read_text())
+    record_b = dict(info)
+    # two separate repositories: their commits (in the provenance) differ, nothing else may
+    assert record_a.pop("provenance")["git_revision"] != record_b.pop("provenance")["git_revision"]
+    assert record_a == record_b
     sa, sb = _state_dict(a / "runs/teacher/model.pt"), _state_dict(b / "runs/teacher/model.pt")
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -21,6 +21,43 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.kdtmp-{os.getpid()}-"
+
+
+def _clear_orphans(path: Path) -> None:
+    """Remove temp siblings of ``path`` left by writers that were killed (their PID is gone).
+
+    Temp names carry the writer's PID; ``.dvcignore`` hides them from DVC's hashes meanwhile.
+    """
+    marker = f".{path.name}.kdtmp-"
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            if not entry.name.startswith(marker):
+                continue
+            pid = entry.name[len(marker):].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if entry.name.endswith("-old") and not path.exists():
+                os.replace(entry, path)  # killed mid-swap: the previous folder is the good one
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], Any]) -> Path:
     """Write a file through ``writer(fileobj)`` into a temp file beside it, then rename.
 
@@ -29,7 +66,8 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _clear_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
@@ -59,11 +97,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a folder in a temp sibling and swap it into place only when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _clear_orphans(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f"{_temp_prefix(path)}old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

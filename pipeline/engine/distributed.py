@@ -161,6 +161,21 @@ def flagged_ranks(flag: bool) -> list[int]:
     return [i for i, f in enumerate(flags.tolist()) if f]
 
 
+def gather_cat(t: Tensor) -> Tensor:
+    """Every rank's ``t`` concatenated along dim 0, in rank order (``t`` itself in a single process).
+
+    The shards of one global batch have equal sizes (see :func:`local_batch_size`), which
+    ``all_gather`` needs. No gradient flows through the result.
+    """
+    if not active():
+        return t
+    device = _comm_device()
+    local = t.detach().to(device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(t.device)
+
+
 def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0) -> None:
     """Overwrite ``tensors`` in place with rank ``src``'s values (e.g. buffers after an epoch)."""
     if not active():

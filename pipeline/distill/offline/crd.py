@@ -13,6 +13,7 @@ from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import crd_nce_loss, kd_loss
 from pipeline.distill.offline.common import require_staged, setup_error
 from pipeline.distill.registry import register_method
+from pipeline.engine.distributed import gather_cat
 
 
 class Embed(nn.Module):
@@ -65,7 +66,9 @@ class ContrastMemory(nn.Module):
     def forward(self, v_s: Tensor, v_t: Tensor, idx: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Scores ``(student vs teacher bank, teacher vs student bank)``, each ``[B, 1 + K]``; updates the banks."""
         with torch.no_grad():
-            self.labels.index_copy_(0, idx, labels)
+            # under DDP every rank updates the banks with the whole global batch, so they stay equal
+            all_idx = gather_cat(idx)
+            self.labels.index_copy_(0, all_idx, gather_cat(labels))
             rows = self.sample(idx, labels)
         b, d = v_s.shape
         with torch.autocast(device_type=v_s.device.type, enabled=False):
@@ -75,11 +78,13 @@ class ContrastMemory(nn.Module):
             out_t = torch.exp(torch.bmm(bank_s, v_t[:, :, None]).squeeze(2) / self.temperature)
             out_s = torch.exp(torch.bmm(bank_t, v_s[:, :, None]).squeeze(2) / self.temperature)
             with torch.no_grad():
-                if self.z[0] < 0:  # first batch ever: fix the normalisation constants
-                    self.z.copy_(torch.stack([out_s.mean(), out_t.mean()]) * self.num_data)
+                if self.z[0] < 0:  # first batch ever: fix the normalisation constants (global batch mean)
+                    means = gather_cat(torch.stack([out_s.mean(), out_t.mean()])[None]).mean(0)
+                    self.z.copy_(means * self.num_data)
                 for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                    pos = bank.index_select(0, idx).mul_(self.momentum).add_(v.detach() * (1 - self.momentum))
-                    bank.index_copy_(0, idx, F.normalize(pos, dim=1))
+                    v_all = gather_cat(v.detach())
+                    pos = bank.index_select(0, all_idx).mul_(self.momentum).add_(v_all * (1 - self.momentum))
+                    bank.index_copy_(0, all_idx, F.normalize(pos, dim=1))
             return out_s / self.z[0], out_t / self.z[1]
 
 
