@@ -71,8 +71,15 @@ def _stage_output_logger() -> logging.Logger:
 
 
 @task(name="dvc-stage", retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_is_transient)
-def run_stage(root: str, stage: str, force: bool = False) -> str:
-    """One DVC stage through ``Repo.reproduce`` (single item); returns "ran" or "up to date"."""
+def run_stage(root: str, stage: str, force: bool = False, needed: bool = True) -> str:
+    """One DVC stage through ``Repo.reproduce`` (single item); returns "ran" or "up to date".
+
+    ``needed=False``: DVC's status (taken once, before any stage ran) found neither the stage
+    nor anything upstream of it changed, so DVC would skip it; the task says so without
+    opening the repository again.
+    """
+    if not needed:
+        return "up to date"
     out = _stage_output_logger()
     ran = ws.reproduce_stage(Path(root), stage, on_line=out.info, force=force)
     return "ran" if ran else "up to date"
@@ -150,7 +157,7 @@ def pipeline_flow(
             log.info("%d of %d stages need to run: %s", len(todo), len(order), ", ".join(s for s in order if s in todo))
             outcome: dict[str, str] = {}
             for stage in order:
-                outcome[stage] = run_stage.with_options(name=f"stage {stage}")(str(root), stage, force)
+                outcome[stage] = run_stage.with_options(name=f"stage {stage}")(str(root), stage, force, stage in todo)
             name = None
             if record and ws.is_git_repo(root):
                 name = ws.save_experiment(root, experiment or _run_name("kdpipe-run"), order if targets else None)

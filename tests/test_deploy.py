@@ -134,6 +134,33 @@ def test_export_writes_checked_onnx_with_dynamic_batch_and_metadata(ws):
         assert sess.run(None, {"input": np.zeros((b, 3, 8, 8), np.float32)})[0].shape == (b, CLASSES)
 
 
+def test_disk_full_while_writing_onnx_keeps_the_previous_exports(ws, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import onnx
+
+    root, params = ws
+    copy = tmp_path / "ws"
+    shutil.copytree(root, copy)
+    before = {p.relative_to(copy).as_posix(): p.read_bytes() for p in (copy / "exports").rglob("*") if p.is_file()}
+    real_save = onnx.save_model
+
+    def full_disk(proto, path, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"\x08\x07partial")  # a few bytes land, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(onnx, "save_model", full_disk)
+    with pytest.raises(OSError) as info:
+        export_all(params, copy)
+    assert info.value.errno == errno.ENOSPC and "model.onnx" in str(info.value)
+    monkeypatch.setattr(onnx, "save_model", real_save)
+    after = {p.relative_to(copy).as_posix(): p.read_bytes() for p in (copy / "exports").rglob("*") if p.is_file()}
+    assert after == before  # the previous exports are intact, no partial file and no temp folder left
+    assert not [p for p in copy.rglob("*kdtmp*")]
+
+
 def test_parity_failure_names_the_worst_image(ws, tmp_path):
     root, params = ws
     data = build_data(params.data, params.seed)
