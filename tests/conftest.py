@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -65,6 +66,12 @@ def make_workspace(dest: Path, params: dict) -> Path:
     run("git", "add", "-A")
     run("git", "commit", "-q", "-m", "workspace")
     return dest
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001 - pytest hook
+    """Prefect stops its temporary server at interpreter exit and logs that to a stream pytest has
+    closed by then; without this, logging prints a "--- Logging error ---" traceback after the summary."""
+    logging.raiseExceptions = False
 
 
 @pytest.fixture
