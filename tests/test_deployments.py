@@ -153,3 +153,26 @@ def test_deployment_runs_on_a_process_worker(server: dict[str, str], tmp_path: P
     finally:
         stop(worker)
         worker_log.close()
+
+
+def test_kdpipe_serve_registers_both_flows_with_the_server(server: dict[str, str], tmp_path: Path):
+    env = server
+    ws = make_workspace(tmp_path / "ws", tiny_params())
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(["kdpipe", "serve", "--name", "served", "--workspace", str(ws)], cwd=ws, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        names: set[str] = set()
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = post(f"{env['PREFECT_API_URL']}/deployments/filter", {"limit": 50, "offset": 0})
+            names = {r["name"] for r in rows}
+            if {"served", "served-sweep"} <= names:
+                break
+            time.sleep(1)
+        assert {"served", "served-sweep"} <= names, (tmp_path / "serve.log").read_text()[-3000:]
+        served = next(r for r in rows if r["name"] == "served")
+        assert served["parameters"]["workspace"] == str(ws.resolve())
+    finally:
+        stop(proc)
+        log.close()
