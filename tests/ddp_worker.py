@@ -19,7 +19,6 @@ OUT is outside ROOT; that file is the test's own write.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import io
 import json
 import os
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))  # run as a script (tests/ is sys.path[0]): import
 import torch  # noqa: E402
 
 from pipeline import runs  # noqa: E402
+from pipeline.engine.checkpoint import state_digest  # noqa: E402
 from pipeline.runs import RunId  # noqa: E402
 from stages._common import run_stage  # noqa: E402
 
@@ -39,14 +39,6 @@ from stages._common import run_stage  # noqa: E402
 def _run_id(text: str) -> RunId:
     role, *rest = text.split(":")
     return RunId(role, *rest)
-
-
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(state.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class _Killed(Exception):
@@ -94,7 +86,7 @@ def engine_checks(params, root: Path) -> dict:
     resumed = Vanilla(build("tinynet_s", data.num_classes, data.in_channels, data.image_size))
     result = loop.fit(resumed, data.train, data.val, cfg, params.seed, spec("cut"))
     facts["resumed_from"] = result.resumed_from
-    facts["resume_equals_uninterrupted"] = _digest(resumed.trainable_state_dict()) == _digest(full.trainable_state_dict())
+    facts["resume_equals_uninterrupted"] = state_digest(resumed.trainable_state_dict()) == state_digest(full.trainable_state_dict())
 
     # A non-finite loss on the last rank only, in the second epoch: every rank must stop there.
     last_rank = distributed.world_size() - 1
@@ -162,7 +154,7 @@ def main(root: Path, out: Path, run_texts: list[str]) -> None:
     def spy_fit(task, *args, **kwargs):
         result = real_fit(task, *args, **kwargs)
         spec = args[4] if len(args) > 4 else kwargs["spec"]
-        trained[spec.label] = _digest(task.trainable_state_dict())
+        trained[spec.label] = state_digest(task.trainable_state_dict())
         return result
 
     runs.fit = spy_fit

@@ -7,7 +7,6 @@ thread here: the tiny convolutions are faster that way on a shared 2-core machin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -21,7 +20,7 @@ from pipeline.config import METHODS, ScheduleConfig, TrainConfig, load_params, p
 from pipeline.distill import MethodContext, MethodSetupError, build_method
 from pipeline.distill.registry import load_methods
 from pipeline.engine import loop as loop_mod
-from pipeline.engine.checkpoint import load_model_file, load_torch
+from pipeline.engine.checkpoint import load_model_file, load_torch, state_digest
 from pipeline.engine.loop import RunSpec, fit
 from pipeline.models import build
 from pipeline.runs import RunId
@@ -36,14 +35,6 @@ FAST = {"ab": {"init_epochs": 1}, "sskd": {"head_epochs": 1}, "crd": {"nce_k": 6
 
 def _params(**distill: dict):
     return parse_params(tiny_params(distill={"methods": ["kd"], **FAST, **distill}))
-
-
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(state.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,7 +80,7 @@ def test_method_trains_with_frozen_teacher_and_deploys_the_plain_student(method:
     # the teacher object the run used is bit-identical to the teacher file: never updated, BN stats included
     file_state = load_torch(workspace / "runs/teacher/model.pt")["state_dict"]
     assert len(used) == 1
-    assert _digest(used[0].state_dict()) == _digest(file_state)
+    assert state_digest(used[0].state_dict()) == state_digest(file_state)
     assert not used[0].training and not any(p.requires_grad for p in used[0].parameters())
 
     # the deployed network is exactly the student architecture: no regressor, head, bank or connector
@@ -191,7 +182,7 @@ def test_eskd_stops_the_kd_term_and_the_teacher_forward(workspace: Path):
     task = build_method("eskd", build("tinynet_s", 4, 3, 8), teacher, cfg, _route_ctx(workspace, 2))
     assert task.teacher is not teacher  # the early checkpoint, not the converged teacher
     route = load_torch(workspace / "runs/teacher/route/epoch_0001.pt")["state_dict"]
-    assert _digest(task.teacher.state_dict()) == _digest(route)
+    assert state_digest(task.teacher.state_dict()) == state_digest(route)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
     task.train()
     task.on_epoch_start(0, 2)
@@ -244,7 +235,7 @@ def test_method_state_survives_resume(method: str, cfg: dict, workspace: Path, t
     resumed = make()
     result = fit(resumed, data.train, data.val, train_cfg, 0, RunSpec("killed", tmp_path / "killed", "fp"))
     assert result.resumed_from == 1
-    assert _digest(resumed.trainable_state_dict()) == _digest(full.trainable_state_dict())
+    assert state_digest(resumed.trainable_state_dict()) == state_digest(full.trainable_state_dict())
     if method == "rco":
         assert full.finalize([]) == resumed.finalize([])
         assert full.finalize([])["anchor_started_at_student_epoch"] == [1, 2]  # the lax threshold moves on at once

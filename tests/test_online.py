@@ -6,7 +6,6 @@ the tiny convolutions are faster that way on a shared 2-core machine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -36,7 +35,7 @@ from pipeline.distill.online.common import (
 )
 from pipeline.distill.registry import load_methods
 from pipeline.engine import loop as loop_mod
-from pipeline.engine.checkpoint import load_model_file, load_torch
+from pipeline.engine.checkpoint import load_model_file, load_torch, state_digest
 from pipeline.engine.loop import RunSpec, fit
 from pipeline.models import build
 from pipeline.runs import RunId
@@ -77,14 +76,6 @@ def grads(loss: torch.Tensor, module: torch.nn.Module) -> list[torch.Tensor]:
 
 def flows(loss: torch.Tensor, module: torch.nn.Module) -> bool:
     return any(g.abs().sum() > 0 for g in grads(loss, module))
-
-
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(state.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # -- registry, params, ramp ------------------------------------------------------------------------
@@ -348,5 +339,5 @@ def test_killed_online_run_resumes_to_the_weights_of_an_uninterrupted_run(method
     resumed = make(method, seed=123)  # different init: every network must come from the checkpoint
     result = fit(resumed, data.train, data.val, cfg, 0, RunSpec("cut", tmp_path / "cut", "fp"))
     assert result.resumed_from == 1
-    assert _digest(resumed.trainable_state_dict()) == _digest(full.trainable_state_dict())
+    assert state_digest(resumed.trainable_state_dict()) == state_digest(full.trainable_state_dict())
     assert full.finalize(result.history)["deployed"] == resumed.finalize(result.history)["deployed"]

@@ -9,6 +9,7 @@ weights, so it can be rebuilt anywhere the package is installed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import zipfile
@@ -119,3 +120,12 @@ def load_model_file(
     model.eval()
     info = {"arch": arch, "num_classes": classes, "in_channels": in_ch, "image_size": size, **obj.get("meta", {})}
     return model, info
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and tensor bytes: equal exactly when the weights are, whatever the file format."""
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
