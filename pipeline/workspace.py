@@ -265,7 +265,7 @@ def merged_params(params_file: Path, overrides: Mapping[str, Any]) -> dict[str, 
     data = yaml.safe_load(params_file.read_text()) or {}
     for key, value in flatten(overrides).items():
         _set_path(data, key, value)
-    parse_params(data)
+    parse_params(data, source=f"{params_file.name} with overrides {', '.join(flatten(overrides)) or '(none)'}")
     return data
 
 
