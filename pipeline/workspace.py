@@ -372,6 +372,11 @@ def _dvc_value(value: Any) -> str:
 def sweep_plan(prefix: str, grid: Mapping[str, Sequence[Any]], seeds: Sequence[int]) -> list[QueuedExperiment]:
     """Every combination of ``grid`` values times every seed, with readable experiment names."""
     keys = list(grid)
+    if "seed" in keys:
+        raise ValueError("sweep grid: give seeds with `seeds` (CLI --seeds), not as the grid key `seed`")
+    empty = [k for k in keys if not list(grid[k])]
+    if empty:
+        raise ValueError(f"sweep grid: no values for {empty}")
     plan: list[QueuedExperiment] = []
     for ci, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
         overrides = dict(zip(keys, combo, strict=True))
