@@ -218,3 +218,16 @@ def test_sweep_queues_params_x_seeds_as_experiments_and_aggregates(tmp_path: Pat
     assert rows[("train.epochs=1", "teacher")]["top1_std"] == pytest.approx(abs(one[0] - one[1]) / 2 ** 0.5, abs=1e-3)
     md = (ws / "reports" / "sweeps" / "ep.md").read_text()
     assert "| train.epochs=2 | teacher | 2 |" in md
+
+
+def test_sweep_plan_crosses_grid_and_seeds_and_refuses_seed_in_the_grid():
+    from pipeline.workspace import sweep_plan
+
+    plan = sweep_plan("s", {"a": [1, 2], "b": ["x"]}, [0, 3])
+    assert [(e.name, e.overrides, e.seed) for e in plan] == [
+        ("s-c0-s0", {"a": 1, "b": "x"}, 0), ("s-c0-s3", {"a": 1, "b": "x"}, 3),
+        ("s-c1-s0", {"a": 2, "b": "x"}, 0), ("s-c1-s3", {"a": 2, "b": "x"}, 3)]
+    with pytest.raises(ValueError, match="seeds"):
+        sweep_plan("s", {"seed": [1, 2]}, [0])
+    with pytest.raises(ValueError, match=r"no values for \['a'\]"):
+        sweep_plan("s", {"a": []}, [0])
