@@ -8,7 +8,8 @@ DVC guards a repository with two locks under ``.dvc/tmp``:
   DVC keeps "for good" (a 365-day lifetime), so a killed run leaves it behind.
 * ``rwlock``: a JSON table of the outs each running command reads or writes, keyed
   by PID. DVC clears entries of dead PIDs by itself, but an entry whose PID now
-  belongs to another (non-DVC) process blocks every later run.
+  belongs to another (non-DVC) process blocks every later run, and so does the
+  empty or cut-short file a run killed while rewriting it leaves behind.
 
 :func:`inspect_locks` classifies both; :func:`clear_stale` removes only what no live
 DVC process holds, and refuses to touch anything while the repository lock is held.
@@ -101,7 +102,8 @@ class LockReport:
             lines.append(f"stale entry in {tmp / 'rwlock'}: PID {h.pid} ({h.cmd}) {why}; "
                          f"it holds {', '.join(h.paths)}")
         if self.rwlock_corrupt:
-            lines.append(f"{tmp / 'rwlock'} is not valid JSON (a run was killed while writing it)")
+            lines.append(f"{tmp / 'rwlock'} is empty or not valid JSON (a DVC run was killed while writing it), "
+                         "so every DVC command fails on it")
         if self.hardlink_lock_stale:
             lines.append(f"hard-link repository lock {tmp / 'lock'} was left by a killed run (core.hardlink_lock)")
         if self.has_stale:
@@ -199,6 +201,21 @@ def _hardlink_mode(root: Path) -> bool:
     return "hardlink_lock=true" in text
 
 
+def _read_rwlock(rw: Path) -> dict | None:
+    """The rwlock table, or None when DVC would refuse it as corrupted.
+
+    DVC rewrites the file in place (truncate, then write), so a process killed in
+    between leaves it empty or cut short; DVC then fails every command on it.
+    """
+    try:
+        table = json.loads(rw.read_text(errors="replace"))
+    except ValueError:
+        return None
+    if not isinstance(table, dict) or any(not isinstance(table.get(m, {}), dict) for m in ("read", "write")):
+        return None
+    return table
+
+
 def inspect_locks(root: Path | str = ".") -> LockReport:
     """Classify every lock of the DVC workspace at ``root`` (nothing is changed)."""
     root = Path(root).resolve()
@@ -220,9 +237,8 @@ def inspect_locks(root: Path | str = ".") -> LockReport:
     rw = tmp / "rwlock"
     if rw.is_file():
         written = rw.stat().st_mtime
-        try:
-            table = json.loads(rw.read_text() or "{}")
-        except ValueError:
+        table = _read_rwlock(rw)
+        if table is None:
             report.rwlock_corrupt = True
             table = {}
         by_pid: dict[int, LockHolder] = {}
@@ -284,7 +300,7 @@ def clear_stale(root: Path | str = ".") -> list[str]:
             rw.unlink()
             removed.append(f"unreadable {rw}")
         elif again.stale:
-            table = json.loads(rw.read_text() or "{}")
+            table = _read_rwlock(rw) or {}
             dead = {h.pid for h in again.stale}
             for mode in ("read", "write"):
                 entries = table.get(mode) or {}

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.dvc_locks import LockBusyError, StaleLockError, clear_stale, ensure_unlocked, inspect_locks
@@ -34,12 +35,21 @@ def repo(tmp_path: Path) -> Path:
 def start_repro(ws: Path) -> subprocess.Popen:
     proc = subprocess.Popen(["dvc", "repro"], cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    # wait for the stage's own process: DVC then holds its rwlock entry and leaves the file alone
+    # until the stage ends (it rewrites the file in place while taking and dropping locks)
     deadline = time.monotonic() + 30
     rw = ws / ".dvc" / "tmp" / "rwlock"
-    while not (rw.is_file() and "pid" in rw.read_text()):
-        assert time.monotonic() < deadline and proc.poll() is None, "dvc repro did not take its lock"
+    while not (rw.is_file() and "pid" in rw.read_text() and _stage_running(proc.pid)):
+        assert time.monotonic() < deadline and proc.poll() is None, "dvc repro did not start its stage"
         time.sleep(0.1)
     return proc
+
+
+def _stage_running(pid: int) -> bool:
+    try:
+        return any("time.sleep(6)" in " ".join(c.cmdline()) for c in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return False
 
 
 def kdpipe(ws: Path, *args: str) -> subprocess.CompletedProcess:
@@ -106,6 +116,29 @@ def test_a_reused_pid_blocks_dvc_until_kdpipe_unlock(repo: Path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_an_rwlock_cut_short_by_a_kill_is_detected_and_cleared(repo: Path):
+    proc = start_repro(repo)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rw = repo / ".dvc" / "tmp" / "rwlock"
+    whole = rw.read_text()
+    for cut in ("", whole[: len(whole) // 2]):  # killed after DVC truncated the file / half-way through its write
+        rw.write_text(cut)
+        stuck = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, timeout=120)
+        assert stuck.returncode != 0 and "JSON structure is corrupted" in stuck.stderr  # DVC alone is stuck for good
+        report = inspect_locks(repo)
+        assert report.rwlock_corrupt and report.blocking and not report.busy
+        assert "killed while writing it" in report.explain()
+        with pytest.raises(StaleLockError, match="kdpipe unlock"):
+            ensure_unlocked(repo)
+    out = kdpipe(repo, "unlock")
+    assert out.returncode == 0 and "unreadable" in out.stdout, out.stderr
+    assert not rw.exists()
+    done = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (repo / "o.txt").read_text() == "x"
 
 
 def test_a_stale_hardlink_lock_is_detected_and_cleared(repo: Path):
