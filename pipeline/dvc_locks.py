@@ -61,6 +61,7 @@ class LockReport:
     rwlock: list[LockHolder] = field(default_factory=list)
     rwlock_corrupt: bool = False
     flow_pid: int | None = None
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def live(self) -> list[LockHolder]:
@@ -255,14 +256,21 @@ def inspect_locks(root: Path | str = ".") -> LockReport:
     return report
 
 
-def ensure_unlocked(root: Path | str = ".") -> LockReport:
+def ensure_unlocked(root: Path | str = ".", repair_cut_rwlock: bool = False) -> LockReport:
     """Raise :class:`LockBusyError` or :class:`StaleLockError` (with the explanation) unless the workspace is free.
 
     Entries of dead PIDs do not count: DVC removes those itself at its next command.
+    ``repair_cut_rwlock``: remove an rwlock a kill cut short when nothing else is wrong and
+    no DVC process lives here; that file holds no live claim, so this is always safe and
+    lets a killed run's next run go on by itself (see ``report.repaired``).
     """
     report = inspect_locks(root)
     if report.busy:
         raise LockBusyError(report.explain())
+    if repair_cut_rwlock and report.rwlock_corrupt and not report.hardlink_lock_stale and not report.rwlock:
+        repaired = clear_stale(root)
+        report = inspect_locks(root)
+        report.repaired = repaired
     if report.blocking:
         raise StaleLockError(report.explain())
     return report

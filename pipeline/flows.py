@@ -146,7 +146,8 @@ def pipeline_flow(
     with ws.workspace_lock(root):
         if ws.restore_run_params(root):
             log.warning("params.yaml put back as it was before a run that was killed with overrides applied")
-        ensure_unlocked(root)
+        for fixed in ensure_unlocked(root, repair_cut_rwlock=True).repaired:
+            log.warning("removed %s left by a killed DVC run", fixed)
         if params:
             ws.apply_run_params(root, params)
         try:
@@ -195,7 +196,8 @@ def sweep_flow(
     plan = ws.sweep_plan(prefix, grid or {}, seeds)
     log.info("queueing %d experiments (%d configurations x %d seeds)", len(plan), len(plan) // len(seeds), len(seeds))
     with ws.workspace_lock(root):
-        ensure_unlocked(root)
+        for fixed in ensure_unlocked(root, repair_cut_rwlock=True).repaired:
+            log.warning("removed %s left by a killed DVC run", fixed)
         ws.queue_experiments(root, plan, targets or ())
         status = ws.run_queue(root, jobs, [e.name for e in plan], on_progress=log.info)
     failed = [n for n, s in status.items() if s != "Success"]

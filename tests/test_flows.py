@@ -153,6 +153,25 @@ def test_unknown_param_key_fails_before_any_stage_and_touches_nothing(toy: Path)
     assert not (toy / "out").exists() and not (toy / "dvc.lock").exists()
 
 
+def test_flow_repairs_an_rwlock_a_kill_cut_short_but_stops_on_a_claim_it_cannot_judge(toy: Path):
+    from pipeline.dvc_locks import StaleLockError
+    from pipeline.flows import pipeline_flow
+
+    rw = toy / ".dvc" / "tmp" / "rwlock"
+    rw.parent.mkdir(parents=True, exist_ok=True)
+    rw.write_text('{"write": {"out/first.txt": {"pid": 1')  # DVC's in-place rewrite killed half-way
+    state = pipeline_flow(targets=["first"], workspace=str(toy), record=False, return_state=True)
+    assert state.is_completed(), state.message
+    assert (toy / "out" / "first.txt").read_text() == "4.0"
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    assert any("unreadable" in m and "rwlock" in m and "killed DVC run" in m for m in logs)
+    # an entry whose PID is alive but is not DVC's is left to `kdpipe unlock`, with the reason
+    rw.write_text(json.dumps({"write": {"out/first.txt": {"pid": os.getppid(), "cmd": "dvc repro"}}}))
+    os.utime(rw, (0, 0))  # written before that process started: its PID was reused
+    with pytest.raises(StaleLockError, match="kdpipe unlock"):
+        pipeline_flow(targets=["first"], workspace=str(toy), record=False)
+
+
 def test_flow_publishes_results_and_report_artifacts(toy: Path):
     from pipeline.flows import pipeline_flow
 
