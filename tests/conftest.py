@@ -68,6 +68,32 @@ def make_workspace(dest: Path, params: dict) -> Path:
     return dest
 
 
+class CrashAfterEpoch(Exception):
+    """Raised by :func:`fit_until_crash` to stop a training run the way a crash would."""
+
+
+def fit_until_crash(epoch: int, *fit_args, **fit_kwargs) -> None:
+    """Run ``fit`` until epoch ``epoch`` (0-based) has ended and its checkpoint is written, then crash it.
+
+    Tests of resuming use it to leave exactly the state a crash after that epoch leaves.
+    """
+    from pipeline.engine import loop
+
+    original = loop.Progress.epoch_done
+
+    def crash(self, done: int, metrics: dict) -> None:  # noqa: ANN001 - a Progress method
+        original(self, done, metrics)
+        if done == epoch:
+            raise CrashAfterEpoch
+
+    loop.Progress.epoch_done = crash
+    try:
+        with pytest.raises(CrashAfterEpoch):
+            loop.fit(*fit_args, **fit_kwargs)
+    finally:
+        loop.Progress.epoch_done = original
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001 - pytest hook
     """Prefect stops its temporary server at interpreter exit and logs that to a stream pytest has
     closed by then; without this, logging prints a "--- Logging error ---" traceback after the summary."""

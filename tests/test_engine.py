@@ -12,13 +12,12 @@ import torch
 from pipeline.config import ScheduleConfig, TrainConfig, parse_params
 from pipeline.data import build_data
 from pipeline.distill import Vanilla
-from pipeline.engine import loop as loop_mod
 from pipeline.engine.atomic import atomic_write, atomic_write_text
 from pipeline.engine.checkpoint import CheckpointError, load_model_file, load_torch, save_model_file
 from pipeline.engine.loop import NonFiniteLossError, RunSpec, fit
 from pipeline.engine.optim import lr_factor
 from pipeline.models import build
-from tests.conftest import tiny_params
+from tests.conftest import fit_until_crash, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -132,25 +131,11 @@ def test_training_learns_and_is_deterministic(tmp_path: Path, data):
     assert (tmp_path / "a" / "live" / "metrics.json").is_file()
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, data, monkeypatch):
+def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, data):
     full = _task(data)
     fit(full, data.train, data.val, _cfg(4), 0, _spec(tmp_path, "full", route_every=2))
 
-    original = loop_mod.Progress.epoch_done
-
-    def die_after_second(self, epoch, metrics):
-        original(self, epoch, metrics)
-        if epoch == 1:
-            raise _Killed
-
-    monkeypatch.setattr(loop_mod.Progress, "epoch_done", die_after_second)
-    with pytest.raises(_Killed):
-        fit(_task(data), data.train, data.val, _cfg(4), 0, _spec(tmp_path, "cut", route_every=2))
-    monkeypatch.setattr(loop_mod.Progress, "epoch_done", original)
+    fit_until_crash(1, _task(data), data.train, data.val, _cfg(4), 0, _spec(tmp_path, "cut", route_every=2))
     assert load_torch(tmp_path / "cut" / "last.pt")["epoch"] == 2
 
     resumed = _task(data, seed=123)  # different init: everything must come from the checkpoint

@@ -34,12 +34,11 @@ from pipeline.distill.online.common import (
     sigmoid_rampup,
 )
 from pipeline.distill.registry import load_methods
-from pipeline.engine import loop as loop_mod
 from pipeline.engine.checkpoint import load_model_file, load_torch, state_digest
 from pipeline.engine.loop import RunSpec, fit
 from pipeline.models import build
 from pipeline.runs import RunId
-from tests.conftest import tiny_params
+from tests.conftest import fit_until_crash, tiny_params
 
 CTX = MethodContext(student_arch="tinynet_s", num_classes=4, in_channels=3, image_size=8, num_train=168,
                     epochs=3, teacher_arch="tinynet_m")
@@ -311,29 +310,15 @@ def test_resume_state_holds_every_network(method: str):
         assert any(k.startswith(prefix) for k in keys), prefix
 
 
-class _Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["one", "ekd"])
-def test_killed_online_run_resumes_to_the_weights_of_an_uninterrupted_run(method: str, tmp_path: Path, monkeypatch):
+def test_killed_online_run_resumes_to_the_weights_of_an_uninterrupted_run(method: str, tmp_path: Path):
     params = parse_params(tiny_params())
     data = build_data(params.data, params.seed)
     cfg = TrainConfig(epochs=3, batch_size=32, schedule=ScheduleConfig(name="cosine"))
     full = make(method)
     fit(full, data.train, data.val, cfg, 0, RunSpec("full", tmp_path / "full", "fp"))
 
-    original = loop_mod.Progress.epoch_done
-
-    def die_after_first(self, epoch, metrics):
-        original(self, epoch, metrics)
-        if epoch == 0:
-            raise _Killed
-
-    monkeypatch.setattr(loop_mod.Progress, "epoch_done", die_after_first)
-    with pytest.raises(_Killed):
-        fit(make(method), data.train, data.val, cfg, 0, RunSpec("cut", tmp_path / "cut", "fp"))
-    monkeypatch.setattr(loop_mod.Progress, "epoch_done", original)
+    fit_until_crash(0, make(method), data.train, data.val, cfg, 0, RunSpec("cut", tmp_path / "cut", "fp"))
     assert set(load_torch(tmp_path / "cut" / "last.pt")["model"]) == set(full.trainable_state_dict())
 
     resumed = make(method, seed=123)  # different init: every network must come from the checkpoint
