@@ -34,15 +34,12 @@ from pipeline import runs  # noqa: E402
 from pipeline.engine.checkpoint import state_digest  # noqa: E402
 from pipeline.runs import RunId  # noqa: E402
 from stages._common import run_stage  # noqa: E402
+from tests.conftest import fit_until_crash  # noqa: E402
 
 
 def _run_id(text: str) -> RunId:
     role, *rest = text.split(":")
     return RunId(role, *rest)
-
-
-class _Killed(Exception):
-    pass
 
 
 def engine_checks(params, root: Path) -> dict:
@@ -68,20 +65,7 @@ def engine_checks(params, root: Path) -> dict:
     # Resume: every rank stops after epoch 1 (as a killed job would), then all resume from rank 0's last.pt.
     full = staged_net()
     loop.fit(full, data.train, data.val, cfg, params.seed, spec("full"))
-    original = loop.Progress.epoch_done
-
-    def die_after_first(self, epoch, metrics):
-        original(self, epoch, metrics)
-        if epoch == 0:
-            raise _Killed
-
-    loop.Progress.epoch_done = die_after_first
-    try:
-        loop.fit(staged_net(), data.train, data.val, cfg, params.seed, spec("cut"))
-    except _Killed:
-        pass
-    finally:
-        loop.Progress.epoch_done = original
+    fit_until_crash(0, staged_net(), data.train, data.val, cfg, params.seed, spec("cut"))
     torch.manual_seed(123)  # a different start: everything must come from the checkpoint
     resumed = Vanilla(build("tinynet_s", data.num_classes, data.in_channels, data.image_size))
     result = loop.fit(resumed, data.train, data.val, cfg, params.seed, spec("cut"))
@@ -107,6 +91,27 @@ def engine_checks(params, root: Path) -> dict:
         facts["non_finite"] = str(err)
     if distributed.is_main():
         facts["non_finite_last_epoch"] = load_torch(state / "nan" / "last.pt")["epoch"]
+
+    # Buffers a method declares rank-summed hold the single-process total after each epoch; others rank 0's.
+    class Counting(Vanilla):
+        def __init__(self, student):
+            super().__init__(student)
+            self.register_buffer("seen_all", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("seen_here", torch.zeros((), dtype=torch.float64))
+
+        def rank_summed_buffers(self):
+            return ("seen_all",)
+
+        def forward(self, images, labels, indices):
+            self.seen_all += labels.shape[0]
+            self.seen_here += labels.shape[0]
+            return super().forward(images, labels, indices)
+
+    torch.manual_seed(0)
+    counting = Counting(build("tinynet_s", data.num_classes, data.in_channels, data.image_size))
+    loop.fit(counting, data.train, data.val, cfg, params.seed, spec("counting"))
+    facts["counted"] = {"all": float(counting.seen_all), "here": float(counting.seen_here),
+                        "train_samples": len(data.train), "epochs": cfg.epochs}
 
     # No batch norm, no augmentation: the ranks' shards of each global batch give the single-process gradient.
     plain = build_data(params.data.model_copy(update={"augment": False}), params.seed)

@@ -218,6 +218,11 @@ def test_two_processes_agree_write_once_and_match_a_single_process(tmp_path: Pat
         assert facts["resumed_from"] == 1 and facts["resume_equals_uninterrupted"]
         assert re.search(r"rank\(s\) \[1\] at epoch 2, step 1", facts["non_finite"] or "")
     assert rank0["engine"]["non_finite_last_epoch"] == 1
+    counted = [r["engine"]["counted"] for r in (rank0, rank1, single)]
+    every_sample = counted[2]["train_samples"] * counted[2]["epochs"]
+    assert [c["all"] for c in counted] == [every_sample] * 3  # summed over the ranks, as one process counts
+    # the rest are rank 0's: the same on both ranks, and only rank 0's shard of the last epoch was added to them
+    assert counted[0]["here"] == counted[1]["here"] < every_sample
     assert rank0["engine"]["linear_weights"] == rank1["engine"]["linear_weights"]
     np.testing.assert_allclose(rank0["engine"]["linear_weights"], single["engine"]["linear_weights"], atol=1e-5)
     for got, want in zip(rank0["engine"]["linear_history"], single["engine"]["linear_history"], strict=True):

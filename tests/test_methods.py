@@ -19,12 +19,11 @@ from pipeline import runs
 from pipeline.config import METHODS, ScheduleConfig, TrainConfig, load_params, parse_params
 from pipeline.distill import MethodContext, MethodSetupError, build_method
 from pipeline.distill.registry import load_methods
-from pipeline.engine import loop as loop_mod
 from pipeline.engine.checkpoint import load_model_file, load_torch, state_digest
 from pipeline.engine.loop import RunSpec, fit
 from pipeline.models import build
 from pipeline.runs import RunId
-from tests.conftest import REPO, tiny_params
+from tests.conftest import REPO, fit_until_crash, tiny_params
 
 OFFLINE = ("kd", "fitnets", "at", "ab", "rkd", "crd", "dkd", "reviewkd", "sskd", "rco", "eskd")
 
@@ -105,6 +104,8 @@ def test_deployable_is_the_student_module(method: str, workspace: Path):
     trainable = {id(p) for p in task.trainable_parameters()}
     assert not trainable & {id(p) for p in teacher.parameters()}
     assert not any(k.startswith("teacher.") for k in task.trainable_state_dict())
+    # buffers summed over DDP ranks each epoch exist and are trained state (checkpointed, not frozen)
+    assert set(task.rank_summed_buffers()) <= set(dict(task.named_buffers())) & set(task.trainable_state_dict())
 
 
 @pytest.mark.parametrize("method", ["fitnets", "ab"])
@@ -195,13 +196,9 @@ def test_eskd_stops_the_kd_term_and_the_teacher_forward(workspace: Path):
     assert terms["kd"].item() == 0 and not calls
 
 
-class _Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method,cfg", [("rco", {"strategy": "greedy", "greedy_threshold": 100.0, "route_span": 1.0}),
                                         ("crd", {})])
-def test_method_state_survives_resume(method: str, cfg: dict, workspace: Path, tmp_path: Path, monkeypatch):
+def test_method_state_survives_resume(method: str, cfg: dict, workspace: Path, tmp_path: Path):
     """A run killed after epoch 1 resumes to the weights, anchors and memory bank of an uninterrupted run."""
     params = _params(**{method: {**FAST.get(method, {}), **cfg}})
     from pipeline.data import build_data
@@ -220,18 +217,7 @@ def test_method_state_survives_resume(method: str, cfg: dict, workspace: Path, t
     full = make()
     fit(full, data.train, data.val, train_cfg, 0, RunSpec("full", tmp_path / "full", "fp"))
 
-    original = loop_mod.Progress.epoch_done
-
-    def die_after_first(self, epoch, metrics):
-        original(self, epoch, metrics)
-        if epoch == 0:
-            raise _Killed
-
-    monkeypatch.setattr(loop_mod.Progress, "epoch_done", die_after_first)
-    first = make()
-    with pytest.raises(_Killed):
-        fit(first, data.train, data.val, train_cfg, 0, RunSpec("killed", tmp_path / "killed", "fp"))
-    monkeypatch.setattr(loop_mod.Progress, "epoch_done", original)
+    fit_until_crash(0, make(), data.train, data.val, train_cfg, 0, RunSpec("killed", tmp_path / "killed", "fp"))
     resumed = make()
     result = fit(resumed, data.train, data.val, train_cfg, 0, RunSpec("killed", tmp_path / "killed", "fp"))
     assert result.resumed_from == 1

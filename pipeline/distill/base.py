@@ -86,6 +86,15 @@ class Distiller(nn.Module):
         """Hook for schedules inside a method (loss ramps, anchor switches)."""
         self.epoch, self.num_epochs = epoch, num_epochs
 
+    def rank_summed_buffers(self) -> tuple[str, ...]:
+        """Names of buffers that add up per-sample quantities (running sums, counts).
+
+        Under DDP each rank sees its own shard, so at the end of every epoch the ranks'
+        increases of these over the epoch are added up (giving the single-process
+        value); every other buffer is taken from rank 0. None by default.
+        """
+        return ()
+
     def phases(self) -> list[Phase]:
         """Preliminary phases run (in order) before the main training; none by default."""
         return []

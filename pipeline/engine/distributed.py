@@ -176,6 +176,22 @@ def gather_cat(t: Tensor) -> Tensor:
     return torch.cat(parts).to(t.device)
 
 
+def sum_increments(tensors: Iterable[Tensor], since: Iterable[Tensor]) -> None:
+    """Add every rank's increase of ``tensors`` since the values ``since`` (equal on all ranks), in place.
+
+    For running sums over samples: each rank saw its own shard, and afterwards every
+    rank holds ``since`` plus the increase over all shards, what one process would hold.
+    """
+    if not active():
+        return
+    device = _comm_device()
+    for t, start in zip(tensors, since, strict=True):
+        buf = (t.detach() - start).to(device).contiguous()
+        dist.all_reduce(buf)
+        with torch.no_grad():
+            t.copy_(start + buf.to(t.device))
+
+
 def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0) -> None:
     """Overwrite ``tensors`` in place with rank ``src``'s values (e.g. buffers after an epoch)."""
     if not active():

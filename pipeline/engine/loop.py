@@ -181,6 +181,9 @@ def fit(
             gen = seed_epoch(seed, epoch, rank)
             task.train()
             task.on_epoch_start(epoch, cfg.epochs)
+            summed = sorted(task.rank_summed_buffers()) if dist_on else []  # the same order on every rank
+            buffers = dict(task.named_buffers())
+            at_start = [buffers[name].detach().clone() for name in summed]
             if dist_on:
                 loader = DataLoader(
                     train_set, batch_sampler=distributed.ShardedBatches(n_train, cfg.batch_size, rank, world, gen),
@@ -223,12 +226,14 @@ def fit(
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if dist_on:
-                # Global means over every rank's samples; rank 0's buffers (batch-norm statistics,
-                # method state) for all, so validation, checkpoints and the next epoch agree.
+                # Global means over every rank's samples; buffers that add up samples summed over the
+                # ranks, the others (batch-norm statistics, method state) rank 0's for all, so
+                # validation, checkpoints and the next epoch agree.
                 totals = distributed.reduce_sums({**sums, "\0correct": correct, "\0seen": float(seen)})
                 correct, seen = totals.pop("\0correct"), int(totals.pop("\0seen"))
                 sums = totals
-                distributed.broadcast_tensors(_buffers(task))
+                distributed.sum_increments([buffers[name] for name in summed], at_start)
+                distributed.broadcast_tensors(b for name, b in _named_buffers(task) if name not in summed)
 
             rec: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
             rec.update({f"train/{k}": v / max(seen, 1) for k, v in sums.items()})
@@ -261,10 +266,10 @@ def fit(
     return FitResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t_start)
 
 
-def _buffers(task: Distiller) -> list[torch.Tensor]:
+def _named_buffers(task: Distiller) -> list[tuple[str, torch.Tensor]]:
     """The task's own buffers (trained networks and method state; frozen networks excluded)."""
     skip = task.frozen_prefixes()
-    return [b for name, b in task.named_buffers() if not name.startswith(skip)]
+    return [(name, b) for name, b in task.named_buffers() if not name.startswith(skip)]
 
 
 def _non_finite_message(spec: RunSpec, epoch: int, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor],

@@ -127,6 +127,10 @@ class RCO(Distiller):
             load_route_weights(self.name, self.ctx, self.anchor, self.anchor_paths[idx])
             self._loaded = idx
 
+    def rank_summed_buffers(self) -> tuple[str, ...]:
+        # the greedy switch must judge the divergence over every sample of the epoch, not one rank's shard
+        return ("kd_sum", "kd_count")
+
     def _anchor_net(self) -> nn.Module:
         idx = int(self.current)
         if idx == len(self.anchor_epochs) - 1:
