@@ -99,8 +99,8 @@ def wait_for_run(env: dict[str, str], run_id: str, timeout: float = 600) -> dict
     raise AssertionError(f"flow run {run_id} did not finish in {timeout} s")
 
 
-def run_deployment(env: dict[str, str], ws: Path, *params: str) -> dict:
-    args = ["deployment", "run", "kdpipe-pipeline/pipeline"]
+def run_deployment(env: dict[str, str], ws: Path, *params: str, deployment: str = "kdpipe-pipeline/pipeline") -> dict:
+    args = ["deployment", "run", deployment]
     for p in params:
         args += ["--param", p]
     out = prefect(env, ws, *args)
@@ -155,7 +155,7 @@ def test_deployment_runs_on_a_process_worker(server: dict[str, str], tmp_path: P
         worker_log.close()
 
 
-def test_kdpipe_serve_registers_both_flows_with_the_server(server: dict[str, str], tmp_path: Path):
+def test_kdpipe_serve_registers_both_flows_and_runs_a_triggered_run(server: dict[str, str], tmp_path: Path):
     env = server
     ws = make_workspace(tmp_path / "ws", tiny_params())
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
@@ -173,6 +173,14 @@ def test_kdpipe_serve_registers_both_flows_with_the_server(server: dict[str, str
         assert {"served", "served-sweep"} <= names, (tmp_path / "serve.log").read_text()[-3000:]
         served = next(r for r in rows if r["name"] == "served")
         assert served["parameters"]["workspace"] == str(ws.resolve())
+
+        # a run triggered from the CLI is picked up and run by the serving process itself
+        run = run_deployment(env, ws, 'targets=["train_teacher"]', "params={\"train.epochs\": 1}",
+                             deployment="kdpipe-pipeline/served")
+        assert run["state_type"] == "COMPLETED", (run["state"], logs_of(env, run["id"]),
+                                                  (tmp_path / "serve.log").read_text()[-3000:])
+        assert "[teacher] epoch 1/1" in logs_of(env, run["id"])
+        assert (ws / "runs" / "teacher" / "model.pt").is_file()
     finally:
         stop(proc)
         log.close()
