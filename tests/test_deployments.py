@@ -109,10 +109,20 @@ def run_deployment(env: dict[str, str], ws: Path, *params: str, deployment: str 
     return wait_for_run(env, run_id.group(1))
 
 
-def logs_of(env: dict[str, str], run_id: str) -> str:
-    rows = post(f"{env['PREFECT_API_URL']}/logs/filter",
-                {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": 0, "sort": "TIMESTAMP_ASC"})
-    return "\n".join(r["message"] for r in rows)
+def logs_of(env: dict[str, str], run_id: str, *expected: str, timeout: float = 60) -> str:
+    """The run's log, once every ``expected`` text is in it (or ``timeout`` s have passed).
+
+    The run's process ships its log to the server in batches, so the last lines (the
+    error that failed the run, say) can arrive after the run's final state.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = post(f"{env['PREFECT_API_URL']}/logs/filter",
+                    {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": 0, "sort": "TIMESTAMP_ASC"})
+        text = "\n".join(r["message"] for r in rows)
+        if all(e in text for e in expected) or time.monotonic() > deadline:
+            return text
+        time.sleep(1)
 
 
 def test_deployment_runs_on_a_process_worker(server: dict[str, str], tmp_path: Path):
@@ -135,9 +145,9 @@ def test_deployment_runs_on_a_process_worker(server: dict[str, str], tmp_path: P
                                                   (tmp_path / "worker.log").read_text()[-3000:])
         metrics = json.loads((ws / "metrics" / "teacher.json").read_text())
         assert 0 <= metrics["top1"] <= 100
-        logs = logs_of(env, run["id"])
+        logs = logs_of(env, run["id"], "2 of 2 stages need to run", "[teacher] epoch 1/1")
         assert "2 of 2 stages need to run" in logs
-        assert "[teacher] epoch 1/1" in logs  # the stage's own output is in the run's log  # the stage's own output is in the run log
+        assert "[teacher] epoch 1/1" in logs  # the stage's own output is in the run's log
         arts = post(f"{env['PREFECT_API_URL']}/artifacts/filter",
                     {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 10, "offset": 0,
                      "sort": "CREATED_DESC"})
@@ -148,7 +158,7 @@ def test_deployment_runs_on_a_process_worker(server: dict[str, str], tmp_path: P
 
         bad = run_deployment(env, ws, 'params={"train.optimizer.lrr": 0.1}')
         assert bad["state_type"] == "FAILED"
-        bad_logs = logs_of(env, bad["id"])
+        bad_logs = logs_of(env, bad["id"], "train.optimizer.lrr", "allowed keys")
         assert "train.optimizer.lrr" in bad_logs and "allowed keys" in bad_logs
     finally:
         stop(worker)
@@ -179,7 +189,7 @@ def test_kdpipe_serve_registers_both_flows_and_runs_a_triggered_run(server: dict
                              deployment="kdpipe-pipeline/served")
         assert run["state_type"] == "COMPLETED", (run["state"], logs_of(env, run["id"]),
                                                   (tmp_path / "serve.log").read_text()[-3000:])
-        assert "[teacher] epoch 1/1" in logs_of(env, run["id"])
+        assert "[teacher] epoch 1/1" in logs_of(env, run["id"], "[teacher] epoch 1/1")
         assert (ws / "runs" / "teacher" / "model.pt").is_file()
     finally:
         stop(proc)
