@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,10 +164,15 @@ def live_dvc_processes(root: Path) -> list[int]:
         if info.get("status") == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
             continue
         cmd = info.get("cmdline") or []
-        is_dvc = any(Path(a).name == "dvc" or a.endswith(("dvc/__main__.py", "dvc/cli/__init__.py")) for a in cmd[:3])
-        is_dvc = is_dvc or (len(cmd) > 2 and cmd[1] == "-m" and cmd[2] == "dvc")
+        at = next((i for i, a in enumerate(cmd[:3])
+                   if Path(a).name == "dvc" or a.endswith(("dvc/__main__.py", "dvc/cli/__init__.py"))), None)
+        if at is None and len(cmd) > 2 and cmd[1] == "-m" and cmd[2] == "dvc":
+            at = 2
+        # `dvc daemon analytics|updater`, which DVC leaves running a few seconds after a command, takes no lock
+        if at is None or cmd[at + 1: at + 2] == ["daemon"]:
+            continue
         cwd = info.get("cwd")
-        if is_dvc and cwd and (Path(cwd) == root or root in Path(cwd).parents):
+        if cwd and (Path(cwd) == root or root in Path(cwd).parents):
             found.append(proc.pid)
     return found
 
@@ -276,11 +282,13 @@ def ensure_unlocked(root: Path | str = ".", repair_cut_rwlock: bool = False) -> 
     return report
 
 
-def clear_stale(root: Path | str = ".") -> list[str]:
+def clear_stale(root: Path | str = ".", settle_s: float = 10.0) -> list[str]:
     """Remove stale lock entries; refuses (LockBusyError) while any live DVC process holds the workspace.
 
-    The repository lock is taken for the duration, so no DVC command can start meanwhile.
-    Returns a description of each thing removed.
+    A DVC command that just ended leaves a forked copy of itself for a few seconds (it
+    starts DVC's analytics/updater daemon), so DVC processes are given ``settle_s`` to
+    go away before refusing. The repository lock is taken for the duration, so no DVC
+    command can start meanwhile. Returns a description of each thing removed.
     """
     root = Path(root).resolve()
     report = inspect_locks(root)
@@ -291,6 +299,10 @@ def clear_stale(root: Path | str = ".") -> list[str]:
     tmp = root / ".dvc" / "tmp"
     removed: list[str] = []
     live = live_dvc_processes(root)
+    deadline = time.monotonic() + settle_s
+    while live and time.monotonic() < deadline:  # a DVC command's exit leaves a forked copy for a moment
+        time.sleep(0.25)
+        live = live_dvc_processes(root)
     if live:
         raise LockBusyError(f"DVC process(es) {live} are running in {root}; nothing removed while they live")
     if report.hardlink_lock_stale:

@@ -178,3 +178,37 @@ def test_the_flow_in_progress_counts_as_busy_for_others(repo: Path):
     assert not inspect_locks(repo).busy
     with workspace_lock(repo, timeout=1):
         assert inspect_locks(repo).flow_pid is None  # our own hold is not someone else's
+
+
+def test_dvc_daemons_do_not_count_and_a_just_ended_command_is_waited_for(repo: Path, tmp_path: Path):
+    # stand-ins with DVC's command lines: `dvc daemon analytics` (DVC starts it as a command ends, and a forked
+    # copy of the command lives on for a moment), a command that ends within the settle time, a long one
+    fake = tmp_path / "site" / "dvc" / "__main__.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("import sys, time\ntime.sleep(float(sys.argv[-1]))\n")
+    start = [sys.executable, str(fake)]
+    daemon = subprocess.Popen([*start, "daemon", "analytics", "30"], cwd=repo)
+    ending = subprocess.Popen([*start, "status", "1.5"], cwd=repo)
+    try:
+        time.sleep(0.5)
+        from pipeline.dvc_locks import live_dvc_processes
+
+        assert live_dvc_processes(repo) == [ending.pid]
+        rw = repo / ".dvc" / "tmp" / "rwlock"
+        rw.write_text("")
+        assert clear_stale(repo, settle_s=10) == [f"unreadable {rw}"]  # waited for `status` to end
+        assert ending.poll() == 0 and daemon.poll() is None
+        long = subprocess.Popen([*start, "repro", "30"], cwd=repo)
+        try:
+            time.sleep(0.5)
+            rw.write_text("")
+            with pytest.raises(LockBusyError, match=str(long.pid)):
+                clear_stale(repo, settle_s=1)
+            assert rw.read_text() == ""  # nothing removed while it lives
+        finally:
+            long.kill()
+            long.wait()
+    finally:
+        for p in (daemon, ending):
+            p.kill()
+            p.wait()
