@@ -146,8 +146,7 @@ def pipeline_flow(
     with ws.workspace_lock(root):
         if ws.restore_run_params(root):
             log.warning("params.yaml put back as it was before a run that was killed with overrides applied")
-        for fixed in ensure_unlocked(root, repair_cut_rwlock=True).repaired:
-            log.warning("removed %s left by a killed DVC run", fixed)
+        _ensure_unlocked(root, log)
         if params:
             ws.apply_run_params(root, params)
         try:
@@ -170,6 +169,12 @@ def pipeline_flow(
     publish(root, experiment or "kdpipe")
     ran = [s for s, o in outcome.items() if o == "ran"]
     return {"workspace": str(root), "stages": outcome, "ran": ran, "experiment": name}
+
+
+def _ensure_unlocked(root: Path, log: Any) -> None:
+    """Stop on DVC locks held or left stale; an rwlock a kill cut short is removed (and logged) instead."""
+    for fixed in ensure_unlocked(root, repair_cut_rwlock=True).repaired:
+        log.warning("removed %s left by a killed DVC run", fixed)
 
 
 @flow(name="kdpipe-sweep")
@@ -196,8 +201,7 @@ def sweep_flow(
     plan = ws.sweep_plan(prefix, grid or {}, seeds)
     log.info("queueing %d experiments (%d configurations x %d seeds)", len(plan), len(plan) // len(seeds), len(seeds))
     with ws.workspace_lock(root):
-        for fixed in ensure_unlocked(root, repair_cut_rwlock=True).repaired:
-            log.warning("removed %s left by a killed DVC run", fixed)
+        _ensure_unlocked(root, log)
         ws.queue_experiments(root, plan, targets or ())
         status = ws.run_queue(root, jobs, [e.name for e in plan], on_progress=log.info)
     failed = [n for n, s in status.items() if s != "Success"]
