@@ -273,7 +273,7 @@ def ensure_unlocked(root: Path | str = ".", repair_cut_rwlock: bool = False) -> 
     report = inspect_locks(root)
     if report.busy:
         raise LockBusyError(report.explain())
-    if repair_cut_rwlock and report.rwlock_corrupt and not report.hardlink_lock_stale and not report.rwlock:
+    if repair_cut_rwlock and report.rwlock_corrupt and not report.hardlink_lock_stale:
         repaired = clear_stale(root)
         report = inspect_locks(root)
         report.repaired = repaired

@@ -182,7 +182,7 @@ def fit(
             task.train()
             task.on_epoch_start(epoch, cfg.epochs)
             summed = sorted(task.rank_summed_buffers()) if dist_on else []  # the same order on every rank
-            buffers = dict(task.named_buffers())
+            buffers = dict(task.named_buffers()) if summed else {}
             at_start = [buffers[name].detach().clone() for name in summed]
             if dist_on:
                 loader = DataLoader(
