@@ -27,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from pipeline.engine.atomic import atomic_write_text
+
 
 class StaleLockError(RuntimeError):
     """A lock left by a killed DVC run blocks the workspace; the message says what to do."""
@@ -178,7 +180,10 @@ def live_dvc_processes(root: Path) -> list[int]:
 
 
 def _probe_repo_lock(lock: Path) -> tuple[bool, int | None]:
-    """Whether the fcntl repository lock is held right now (probe without blocking), and by which PID."""
+    """Whether the fcntl repository lock is held right now (probe without blocking), and by which PID.
+
+    zc.lockfile takes it with ``flock`` (a whole-file lock, which ``lockf``/POSIX record locks do not see).
+    """
     if not lock.exists():
         return False, None
     try:
@@ -187,14 +192,14 @@ def _probe_repo_lock(lock: Path) -> tuple[bool, int | None]:
         return False, None
     try:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EACCES, errno.EAGAIN):
                 text = lock.read_text(errors="replace").strip().split()
                 pid = int(text[0]) if text and text[0].isdigit() else None
                 return True, pid
             raise
-        fcntl.lockf(fd, fcntl.LOCK_UN, 1)
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return False, None
     finally:
         os.close(fd)
@@ -334,8 +339,6 @@ def clear_stale(root: Path | str = ".", settle_s: float = 10.0) -> list[str]:
                             del entries[path]
                     elif int(infos.get("pid", -1)) in dead:
                         del entries[path]
-            tmp_file = rw.with_suffix(".kdpipe-tmp")
-            tmp_file.write_text(json.dumps(table))
-            os.replace(tmp_file, rw)
+            atomic_write_text(rw, json.dumps(table), keep_mode=True)  # DVC's own compact json.dump format
             removed += [f"rwlock entry of PID {h.pid} ({h.cmd})" for h in again.stale]
     return removed
