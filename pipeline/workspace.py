@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, parse_params
+from pipeline.engine.atomic import atomic_write_text
 
 
 class StageFailedError(RuntimeError):
@@ -292,9 +293,7 @@ def apply_params(params_file: Path, overrides: Mapping[str, Any]) -> str:
         node[parts[-1]] = value
     buf = io.StringIO()
     rt.dump(doc, buf)
-    tmp = params_file.with_name(f".{params_file.name}.kdpipe-tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, params_file)
+    atomic_write_text(params_file, buf.getvalue(), keep_mode=True)
     return before
 
 
@@ -324,9 +323,7 @@ def restore_run_params(root: Path) -> bool:
 
 def restore_text(path: Path, text: str) -> None:
     """Put a file's earlier text back atomically."""
-    tmp = path.with_name(f".{path.name}.kdpipe-tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, keep_mode=True)
 
 
 # -- experiments ----------------------------------------------------------------------

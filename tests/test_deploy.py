@@ -122,7 +122,7 @@ def test_export_writes_checked_onnx_with_dynamic_batch_and_metadata(ws):
     assert meta["class_names"] == list(build_data(params.data, params.seed).class_names)
     assert meta["input_shape"] == ["batch", 3, 8, 8]
     assert len(meta["mean"]) == 3 and len(meta["std"]) == 3 and meta["preprocessing"]["mode"] == "RGB"
-    from pipeline.runs import file_sha256
+    from pipeline.engine.atomic import file_sha256
 
     assert meta["source_sha256"] == file_sha256(root / "runs/kd/tinynet_xs/model.pt")
     assert len(meta["params_sha256"]) == 64

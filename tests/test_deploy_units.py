@@ -11,7 +11,8 @@ import pytest
 from pipeline.config import ConfigError, parse_params
 from pipeline.deploy.edge import build_engine as be
 from pipeline.deploy.tensorrt_build import tensorrt_availability, trtexec_commands, trtexec_script
-from pipeline.report.results import best_under_budget, build_rows, label, pareto_front, summarize
+from pipeline.report.results import summarize
+from pipeline.report.rows import best_under_budget, build_rows, label, pareto_front
 from tests.conftest import tiny_params
 
 # --------------------------------------------------------------------------- Pareto front and budgets
@@ -190,6 +191,18 @@ def test_trtexec_commands_per_major_version():
     assert "--onnx=c.onnx" in with_trt["10"][0] and "--onnx=c.onnx" in with_trt["11"][0]  # the symmetric QDQ file
     script = trtexec_script(cmds)
     assert script.startswith("#!/bin/sh") and 'if [ "$MAJOR" -ge 11 ]' in script
+
+
+def test_device_hash_is_the_manifest_hash(tmp_path: Path):
+    """edge_runtime keeps its own copy of file_sha256 (no kdpipe on the device): it must agree."""
+    import hashlib
+
+    from pipeline.deploy.edge import edge_runtime
+    from pipeline.engine.atomic import file_sha256
+
+    f = tmp_path / "model.onnx"
+    f.write_bytes(bytes(range(256)) * 5000)  # more than one 1 MiB chunk
+    assert file_sha256(f) == edge_runtime.file_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- params

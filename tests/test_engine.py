@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from pipeline.config import ScheduleConfig, TrainConfig, parse_params
 from pipeline.data import build_data
 from pipeline.distill import Vanilla
 from pipeline.engine.atomic import atomic_write, atomic_write_text
-from pipeline.engine.checkpoint import CheckpointError, load_model_file, load_torch, save_model_file
+from pipeline.engine.checkpoint import CheckpointError, load_model_file, load_torch, save_model_file, state_digest
 from pipeline.engine.loop import NonFiniteLossError, RunSpec, fit
 from pipeline.engine.optim import lr_factor
 from pipeline.models import build
@@ -40,11 +39,7 @@ def _spec(tmp: Path, name: str = "run", route_every: int | None = None) -> RunSp
 
 
 def _digest(task: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(task.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_digest(task.state_dict())
 
 
 # -- atomic writes and checkpoints ------------------------------------------------------------
@@ -61,6 +56,19 @@ def test_atomic_write_keeps_previous_file_on_disk_full(tmp_path: Path):
     assert exc.value.errno == errno.ENOSPC
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_atomic_write_keeps_mode_only_when_asked(tmp_path: Path):
+    import stat
+
+    f = tmp_path / "params.yaml"
+    f.write_text("seed: 0\n")
+    f.chmod(0o640)
+    atomic_write_text(f, "seed: 1\n", keep_mode=True)  # a file people own (params.yaml, DVC's rwlock)
+    assert f.read_text() == "seed: 1\n" and stat.S_IMODE(f.stat().st_mode) == 0o640
+    atomic_write_text(f, "seed: 2\n")
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
 
 
 def test_model_file_roundtrip_and_mismatch_errors(tmp_path: Path, data):

@@ -3,7 +3,6 @@ continues from where DVC and the checkpoints stand, and puts params.yaml back.""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -13,15 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.engine.atomic import file_sha256
 from tests.conftest import make_workspace, tiny_params
 
 pytestmark = pytest.mark.slow
 
 PARAMS = tiny_params(data={"synthetic_samples": 1200}, teacher={"model": "tinynet_m", "train": {"epochs": 6}})
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_killed_flow_resumes_the_stage_and_restores_params(tmp_path: Path):
@@ -52,6 +48,6 @@ def test_killed_flow_resumes_the_stage_and_restores_params(tmp_path: Path):
     assert "put back as it was before a run that was killed" in out
     assert "resuming after epoch" in out and "resuming after epoch 0" not in out
     assert (ws / "params.yaml").read_text() == original
-    assert sha(ws / "runs" / "teacher" / "model.pt") == sha(ref / "runs" / "teacher" / "model.pt")
+    assert file_sha256(ws / "runs" / "teacher" / "model.pt") == file_sha256(ref / "runs" / "teacher" / "model.pt")
     status = subprocess.run(["dvc", "status", "train_teacher"], cwd=ws, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout

@@ -8,7 +8,6 @@ wall-clock measurements (the benchmark and the report built on it) may differ.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from pipeline.deploy.export import export_all
 from pipeline.deploy.metadata import read_metadata
 from pipeline.deploy.quantize import quantize_all
 from pipeline.deploy.tensorrt_build import build_all
+from pipeline.engine.atomic import file_sha256
 from pipeline.provenance import git_state, provenance
 from pipeline.report.results import report_all
 from pipeline.runs import RunId, evaluate, train
@@ -57,7 +57,7 @@ def digests(root: Path) -> dict[str, str]:
     for folder in OUT_FOLDERS:
         for f in sorted((root / folder).rglob("*")):
             if f.is_file():
-                out[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+                out[f.relative_to(root).as_posix()] = file_sha256(f)
     return out
 
 

@@ -20,13 +20,14 @@ where ``<run>`` is ``teacher``, ``baseline/<student>`` or ``<method>/<student>``
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from pipeline.engine.atomic import sha256_json
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -139,11 +140,6 @@ def read_json(path: Path, what: str) -> Any:
         raise DeployError(f"{path} not found: run the {what} stage first (dvc repro {what})") from None
     except ValueError as err:
         raise DeployError(f"{path} is not valid JSON ({err}); re-run the {what} stage") from None
-
-
-def sha256_json(obj: Any) -> str:
-    """SHA-256 of a JSON-able value, keys sorted (stable across runs)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def params_sha256(params: Params, sections: tuple[str, ...]) -> str:

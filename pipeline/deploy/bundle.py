@@ -41,7 +41,7 @@ from pipeline.deploy.artifacts import (
     tensorrt_dir,
     variant_file,
 )
-from pipeline.deploy.edge.edge_runtime import file_sha256
+from pipeline.engine.atomic import file_sha256
 
 EDGE_DIR = Path(__file__).resolve().parent / "edge"
 #: Bundle file name -> source file (relative to pipeline/).

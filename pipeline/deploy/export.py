@@ -191,9 +191,8 @@ def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: fl
 def export_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     """The ``export`` stage: every deployable run to ONNX, parity-checked; writes ``exports/onnx`` and the report."""
     from pipeline.data import build_data, preprocessing_spec
-    from pipeline.engine.atomic import atomic_dir, atomic_write_json
+    from pipeline.engine.atomic import atomic_dir, atomic_write_json, file_sha256
     from pipeline.engine.checkpoint import load_model_file
-    from pipeline.runs import file_sha256
 
     cfg = params.export
     data = build_data(params.data, params.seed)

@@ -1,11 +1,17 @@
-"""Atomic file and folder writes: a killed process never leaves a half-written artifact."""
+"""Atomic file and folder writes: a killed process never leaves a half-written artifact.
+
+Also the pipeline's one file hash (:func:`file_sha256`) and JSON hash (:func:`sha256_json`),
+which the artifacts written here are recorded and checked by.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,18 +64,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], Any], *, keep_mode: bool = False) -> Path:
     """Write a file through ``writer(fileobj)`` into a temp file beside it, then rename.
 
     On any error (ENOSPC included) the temp file is removed and the previous file at
-    ``path``, if any, is left as it was.
+    ``path``, if any, is left as it was. The new file is private to its owner (0600, as
+    mkstemp makes it) unless ``keep_mode`` gives it the permission bits of the file it
+    replaces (for files people or DVC own, such as ``params.yaml`` and DVC's ``rwlock``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clear_orphans(path)
+    mode = None
+    if keep_mode:
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(path.stat().st_mode)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             writer(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -82,14 +96,33 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], Any]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Atomically write UTF-8 text."""
-    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+def atomic_write_text(path: str | Path, text: str, *, keep_mode: bool = False) -> Path:
+    """Atomically write UTF-8 text (``keep_mode`` as for :func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), keep_mode=keep_mode)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write JSON (sorted keys, trailing newline) for stable diffs."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks: the pipeline's one file hash.
+
+    ``pipeline/deploy/edge/edge_runtime.py`` keeps a copy of it, because that file runs on
+    the device without kdpipe; both give the standard SHA-256, so the hashes a bundle's
+    manifest records here are the ones the device checks.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """SHA-256 of a JSON-able value, keys sorted (stable across runs)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @contextlib.contextmanager

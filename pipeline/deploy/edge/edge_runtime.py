@@ -55,7 +55,11 @@ def import_onnxruntime() -> Any:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes.
+
+    A copy of :func:`pipeline.engine.atomic.file_sha256` (which writes the manifest's hashes),
+    not an import of it: this file runs on the device, where kdpipe is not installed.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
