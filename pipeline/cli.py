@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.report.metrics import collect_results
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from pipeline.models import available
@@ -45,16 +47,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.params}: ok ({p.data.name}, teacher {p.teacher.model}, students {', '.join(p.students)}, "
           f"methods {', '.join(p.distill.methods)}, online {', '.join(p.online.methods) or 'none'}; {runs} training runs)")
     return 0
-
-
-def collect_results(root: Path = Path(".")) -> list[dict]:
-    """Every evaluated run of a workspace as one row: run id plus its test metrics."""
-    rows = []
-    base = root / "metrics"
-    for f in sorted(base.rglob("*.json")):
-        key = f.relative_to(base).with_suffix("").as_posix()
-        rows.append({"run": key, **json.loads(f.read_text())})
-    return rows
 
 
 def _cmd_results(args: argparse.Namespace) -> int:

@@ -95,7 +95,7 @@ def _results_rows(root: Path) -> list[dict[str, Any]]:
             rows.append({"model": r["run"], "precision": r["precision"], "arch": r["arch"], "top1": r.get("top1"),
                          "params": r.get("params"), "bytes": r.get("bytes"), **lat})
         return rows
-    from pipeline.cli import collect_results
+    from pipeline.report.metrics import collect_results
 
     return [{"model": r["run"], "top1": r.get("top1"), "params": r.get("params"), "macs": r.get("macs")}
             for r in collect_results(root)]

@@ -4,6 +4,8 @@ A run (teacher, baseline, offline or online distillation) is a module that owns 
 trainable networks and, where offline, a frozen teacher. ``forward(images, labels,
 indices)`` returns the logits to score and a dict of named, already-weighted loss
 terms; the training loop sums the terms and never needs to know the method.
+:class:`Distiller` satisfies :class:`pipeline.engine.trainable.Trainable`, the protocol
+the loop trains, without the engine importing anything from here.
 """
 
 from __future__ import annotations

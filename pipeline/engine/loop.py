@@ -29,7 +29,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.config import TrainConfig
-from pipeline.distill.base import Distiller
 from pipeline.engine import distributed
 from pipeline.engine.atomic import atomic_write_json
 from pipeline.engine.checkpoint import STATE_FORMAT, CheckpointError, load_torch, save_torch
@@ -38,6 +37,7 @@ from pipeline.engine.evaluation import predict, topk_accuracy
 from pipeline.engine.optim import build_optimizer, build_scheduler
 from pipeline.engine.progress import Progress
 from pipeline.engine.seeding import reseed_worker_for_rank, rng_state, seed_epoch, seed_everything, set_rng_state
+from pipeline.engine.trainable import Trainable
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -120,7 +120,7 @@ class _Live:
 
 
 def fit(
-    task: Distiller,
+    task: Trainable,
     train_set: torch.utils.data.Dataset,
     val_set: torch.utils.data.Dataset,
     cfg: TrainConfig,
@@ -165,7 +165,8 @@ def fit(
         history = list(state["history"])
         start_epoch = int(state["epoch"])
         set_rng_state(state["rng"])
-        progress.note(f"resuming after epoch {start_epoch} from {spec.state_dir / 'last.pt'}")
+        done = ": every epoch was done, nothing left to train" if start_epoch >= cfg.epochs else ""
+        progress.note(f"resuming after epoch {start_epoch} from {spec.state_dir / 'last.pt'}{done}")
     live = _Live(spec.state_dir / "live", history) if main else None
 
     forward: torch.nn.Module = task
@@ -266,7 +267,7 @@ def fit(
     return FitResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t_start)
 
 
-def _named_buffers(task: Distiller) -> list[tuple[str, torch.Tensor]]:
+def _named_buffers(task: Trainable) -> list[tuple[str, torch.Tensor]]:
     """The task's own buffers (trained networks and method state; frozen networks excluded)."""
     skip = task.frozen_prefixes()
     return [(name, b) for name, b in task.named_buffers() if not name.startswith(skip)]
@@ -286,7 +287,7 @@ def _non_finite_message(spec: RunSpec, epoch: int, step: int, loss: torch.Tensor
             f"{distributed.rank()}: {bad}); every rank stopped, {keep}")
 
 
-def _validate(task: Distiller, val_set, batch_size: int, device: torch.device, amp: bool) -> dict[str, float]:
+def _validate(task: Trainable, val_set, batch_size: int, device: torch.device, amp: bool) -> dict[str, float]:
     task.eval()
     logits, labels = predict(task.eval_logits, val_set, batch_size, device, amp)
     out: dict[str, float] = {}
@@ -297,7 +298,7 @@ def _validate(task: Distiller, val_set, batch_size: int, device: torch.device, a
     return out
 
 
-def _validate_sharded(task: Distiller, val_set, batch_size: int, device: torch.device, amp: bool) -> dict[str, float]:
+def _validate_sharded(task: Trainable, val_set, batch_size: int, device: torch.device, amp: bool) -> dict[str, float]:
     """:func:`_validate` under DDP: each rank scores a contiguous slice, the counts are summed over ranks."""
     task.eval()
     n, rank, world = len(val_set), distributed.rank(), distributed.world_size()

@@ -2,7 +2,9 @@
 
 :mod:`~pipeline.report.results` joins the deploy stages' JSON (accuracy of each file,
 benchmark figures, parity) with the evaluate metrics (params, MACs) into one row per
-model x variant, finds the Pareto front and the best model under each profile's
-latency budget, and writes ``reports/results.{json,md}``; :mod:`~pipeline.report.plots`
-draws ``reports/pareto.png``. Neither needs torch.
+model x variant (:mod:`~pipeline.report.rows`: the rows, Pareto front and best model
+under each profile's latency budget) and writes ``reports/results.{json,md}``;
+:mod:`~pipeline.report.plots` draws ``reports/pareto.png``. :mod:`~pipeline.report.metrics`
+lists the evaluate stage's metrics of a workspace (``kdpipe results``) and
+:mod:`~pipeline.report.sweep` aggregates a sweep. None needs torch.
 """

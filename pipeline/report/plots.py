@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.report.results import label, pareto_front, row_latency
+from pipeline.report.rows import label, pareto_front, row_latency
 
 COLOURS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "int8": "#d62728"}
 MARKERS = {"teacher": "*", "baseline": "o", "distilled": "D", "online": "s"}
