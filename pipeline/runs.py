@@ -10,13 +10,12 @@ Layout of what a run writes (all DVC outs, each written atomically):
 
 where <run> is ``teacher``, ``baseline/<student>`` or ``<method>/<student>``.
 
-Resume state lives in ``.kdpipe/state/<run id>/`` (ignored by git and DVC).
+Resume state lives in ``.kdpipe/state/<run id>/`` (ignored by git and DVC), kept after the run until
+DVC has recorded its outs (:mod:`pipeline.run_state`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pipeline.data import DataSplits, build_data
 from pipeline.distill import MethodContext, Vanilla, build_method
 from pipeline.distill.online.common import OnlineDistiller, ensemble_metrics, load_ensemble, save_ensemble
 from pipeline.engine import distributed
-from pipeline.engine.atomic import atomic_dir, atomic_write_json
+from pipeline.engine.atomic import atomic_dir, atomic_write_json, file_sha256, sha256_json
 from pipeline.engine.checkpoint import load_model_file, save_model_file
 from pipeline.engine.device import pick_device
 from pipeline.engine.evaluation import classification_metrics, predict
@@ -39,8 +38,7 @@ from pipeline.models import build, count_parameters
 from pipeline.models.complexity import count_macs
 from pipeline.provenance import device_label
 from pipeline.provenance import provenance as build_provenance
-
-STATE_ROOT = Path(".kdpipe") / "state"
+from pipeline.run_state import STATE_ROOT, clear_finished, mark_finished
 
 
 @dataclass(frozen=True)
@@ -79,19 +77,6 @@ class RunId:
 
     def plot_file(self, root: Path, kind: str) -> Path:
         return root / "plots" / kind / f"{self.key}.json"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def provenance(params_sha256: str, root: Path, *, git: bool = True, device: str = "cpu") -> dict[str, Any]:
@@ -163,14 +148,16 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
     else:
         task = Vanilla(model)
     state_dir = root / STATE_ROOT / run.key
-    fingerprint = _hash_json(fp)
+    fingerprint = sha256_json(fp)
+    if distributed.is_main():
+        clear_finished(state_dir)  # its outs are about to be replaced: not prunable until written again
     workers = params.data.num_workers
     for phase in task.phases():
         phase_cfg = cfg.model_copy(update={"epochs": phase.epochs})
         if phase.lr is not None:
             phase_cfg = phase_cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"lr": phase.lr})})
         phase_spec = RunSpec(label=f"{run.key}:{phase.name}", state_dir=state_dir / "phases" / phase.name,
-                             fingerprint=_hash_json({**fp, "phase": phase.name}))
+                             fingerprint=sha256_json({**fp, "phase": phase.name}))
         fit(phase.task, data.train, data.val, phase_cfg, params.seed, phase_spec, num_workers=workers)
     spec = RunSpec(
         label=run.key, state_dir=state_dir / "main", fingerprint=fingerprint,
@@ -199,7 +186,8 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
             save_ensemble(tmp / "ensemble.pt", task, meta)
     with atomic_dir(run.live_dir(root)) as tmp:
         shutil.copytree(spec.state_dir / "live", tmp, dirs_exist_ok=True)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    # kept until DVC has recorded these outs: a kill before that reruns the stage, which then trains nothing
+    mark_finished(state_dir, [out, run.live_dir(root)], root)
     distributed.barrier()
     return out
 
@@ -231,7 +219,7 @@ def evaluate(params: Params, run: RunId, root: Path = Path(".")) -> dict[str, An
         ensemble = load_ensemble(run.out_dir(root) / "ensemble.pt")
         metrics.update(ensemble_metrics(ensemble, data.test, logits["model"], bs))
     dumped = params.model_dump(mode="json")
-    metrics["provenance"] = {**provenance(_hash_json({k: dumped[k] for k in ("seed", "data", "evaluate")}), root),
+    metrics["provenance"] = {**provenance(sha256_json({k: dumped[k] for k in ("seed", "data", "evaluate")}), root),
                              "train_params_sha256": info.get("params_sha256")}
     if not distributed.is_main():  # launched under torchrun: rank 0 alone writes
         return metrics

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline.config import ConfigError, Params, load_params
+from pipeline.run_state import prune_recorded
 
 # Errors a user can fix from the message alone: printed without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
@@ -84,6 +85,11 @@ def run_stage(name: str, body: Callable[[Params], object], params_path: str = "p
             os.execv(cmd[0], cmd)
         if dist is not None and name in TRAINING_STAGES:
             dist.init()
+        if dist is None or dist.is_main():
+            pruned = prune_recorded(Path("."))  # finished runs' kept state, once DVC recorded their outs
+            if pruned:
+                print(f"{name}: removed the kept state of finished runs DVC has recorded: {', '.join(pruned)}",
+                      file=sys.stderr, flush=True)
         if dist is None or name in TRAINING_STAGES or dist.is_main():
             body(params)
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error

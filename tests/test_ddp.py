@@ -204,7 +204,7 @@ def test_two_processes_agree_write_once_and_match_a_single_process(tmp_path: Pat
     assert (ddp_root / "runs" / "dml" / "tinynet_s" / "ensemble.pt").is_file()
     assert sorted(p.name for p in (ddp_root / "runs" / "teacher" / "route").iterdir()) == \
         [f"epoch_{e:04d}.pt" for e in range(1, EPOCHS + 1)]
-    assert not (ddp_root / ".kdpipe" / "state" / "teacher").exists()  # resume state removed once done
+    assert (ddp_root / ".kdpipe" / "state" / "teacher" / "finished.json").is_file()  # kept until DVC records the outs
 
     # (3) the accuracy of a single process with the same global batch, within noise
     for key in KEYS:

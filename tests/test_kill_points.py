@@ -1,23 +1,29 @@
-"""SIGKILL `dvc repro` at random points, again and again: the pipeline ends exactly where an uninterrupted run does.
+"""SIGKILL `dvc repro` at chosen points, again and again: the pipeline ends exactly where an uninterrupted run does.
 
 A tiny pipeline (synthetic data; a teacher, one student alone and distilled by KD; every
 evaluate; export, quantize, tensorrt, bundle, benchmark, report) runs once uninterrupted
 in a reference workspace. A clone of it (same commit, so the same provenance) then runs
-``dvc repro`` ten times, each run killed with SIGKILL, its whole process group, after a
-delay drawn from a seeded RNG; a last ``dvc repro`` runs to the end. Then:
+``dvc repro`` ten times, each run killed with SIGKILL, its whole process group; a last
+``dvc repro`` runs to the end. Then:
 
 * every out exists and equals the reference's bytes, except what holds wall-clock
   figures (benchmark timings and the report built on them);
 * ``dvc status`` is clean, ``dvc.lock`` records the reference's hashes (but for the timed
-  outs), every file of DVC's cache matches the hash it is filed under, and no temp file
-  of a killed write is left in the out folders;
-* a training stage that was killed after an epoch resumed from exactly that epoch
-  (its log says ``resuming after epoch N``), never starting afresh.
+  outs), every file of DVC's cache matches the hash it is filed under, no temp file of a
+  killed write is left in the out folders, and no training state is left;
+* a training stage that was killed mid-training resumed from exactly its last finished
+  epoch (its log says ``resuming after epoch N``), never starting afresh, and one killed
+  after its training finished but before DVC recorded it trained nothing the next time.
 
-The first two kills land inside training (the teacher's, then the KD student's) at a
-seeded epoch; the other eight at seeded points of the run (a stage, and a time within what
-that stage took in the reference run), anywhere from a stage's start-up to DVC's lock and
-cache writes.
+Where a kill lands must not depend on how fast the machine is (an epoch here takes a few
+hundredths of a second), so the first three kills land at *kill points*
+(``tests/killpoint/sitecustomize.py``: the stage process stops there and the test kills
+it): the teacher mid-epoch at a seeded epoch and batch, the teacher's stage after it
+wrote its outs and before DVC recorded them, the KD student mid-epoch. The other seven
+land at seeded points of the run (a stage, and a time within what that stage took in
+the reference run), anywhere from a stage's start-up to DVC's lock and cache writes; the
+report stage stops at its start in those runs, so each of them is killed by then at the
+latest and every one of the ten runs is killed whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ pytestmark = pytest.mark.slow
 SEED = 7
 KILLS = 10
 EPOCHS = 12
+KILLPOINTS = Path(__file__).resolve().parent / "killpoint"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "KDPIPE_PROGRESS": "lines", "PYTHONUNBUFFERED": "1"}
+REACHED = "KILLPOINT reached "
 PARAMS = tiny_params(
     data={"synthetic_samples": 160},
     train={"epochs": EPOCHS},
@@ -145,17 +153,24 @@ def timed_repro(ws: Path, log: Path) -> tuple[float, list[tuple[float, str]]]:
     return time.monotonic() - t0, lines
 
 
-def killed_repro(ws: Path, log: Path, after: str, later: tuple[str, ...] = (), offset: float = 0.0) -> dict:
+def killed_repro(ws: Path, log: Path, after: str, later: tuple[str, ...] = (), offset: float = 0.0,
+                 points: tuple[str, ...] = ()) -> dict:
     """``dvc repro`` killed (SIGKILL to its whole process group) ``offset`` s after the line ``after``
-    appears in its output (or, if it does not come, any of ``later``), unless it ends first."""
+    appears in its output (or, if it does not come, any of ``later``), unless it ends first.
+
+    ``points`` are kill points (``tests/killpoint/sitecustomize.py``) where its stage processes stop
+    and wait; the line each prints when reached counts as ``after`` too.
+    """
     t0 = time.monotonic()
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(KILLPOINTS), *filter(None, [ENV.get("PYTHONPATH")])]),
+           "KDPIPE_KILLPOINTS": ",".join(points)}
     with log.open("w") as out:
-        proc = subprocess.Popen(["dvc", "repro"], cwd=ws, env=ENV, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(["dvc", "repro"], cwd=ws, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         kill_at, killed = None, False
         while proc.poll() is None:
             now = time.monotonic()
-            if kill_at is None and any(line in log.read_text() for line in (after, *later)):
+            if kill_at is None and any(line in log.read_text() for line in (after, *later, REACHED)):
                 kill_at = now + offset
             if (kill_at is not None and now >= kill_at) or now - t0 > 300:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -203,16 +218,20 @@ def test_ten_kills_then_a_full_run_end_where_an_uninterrupted_run_does(tmp_path:
     took = {name: end - t for (t, name), end in zip(starts, [t for t, _ in starts[1:]] + [expected_s], strict=True)}
 
     rng = random.Random(SEED)
-    # Two kills inside training at a seeded epoch (a stage's epochs take a few hundredths of a second, and when
-    # they come moves with the machine's load; its progress lines do not), then eight at seeded points of the
-    # run: a stage (the k-th kill in the k-th eighth of the pipeline's stages) and a time within the duration
-    # that stage took in the reference run.
-    plan = [{"after": f"[teacher] epoch {rng.randint(2, EPOCHS - 2)}/", "offset": rng.uniform(0.0, 0.2)},
-            {"after": f"[kd/tinynet_s] epoch {rng.randint(1, EPOCHS - 2)}/", "offset": rng.uniform(0.0, 0.2)}]
+    # Kill points: the teacher mid-epoch (epoch e, batch b: epoch e - 1 is its last checkpoint), the teacher's
+    # stage once its outs are written but before DVC records them, the KD student mid-epoch.
+    teacher_at, kd_at = rng.randint(2, EPOCHS - 1), rng.randint(2, EPOCHS - 1)
+    plan = [{"after": REACHED, "points": (f"epoch:teacher:{teacher_at}:{rng.randint(0, 3)}",)},
+            {"after": REACHED, "points": ("exit:stages.train_teacher",)},
+            {"after": REACHED, "points": (f"epoch:kd/tinynet_s:{kd_at}:{rng.randint(0, 3)}",)}]
+    # Then seven at seeded points of the run: a stage (the k-th kill in the k-th seventh of the pipeline's
+    # stages) and a time within the duration that stage took in the reference run; the report stage waits at
+    # its start, so a run that gets that far before the time is up is killed there.
     spread = KILLS - len(plan)
     for i in (int((k + rng.random()) * len(stages) / spread) for k in range(spread)):
         plan.append({"after": f"Running stage '{stages[i]}'", "offset": rng.uniform(0.0, took[stages[i]]),
-                     "later": tuple(f"Running stage '{name}'" for name in stages[i + 1:])})
+                     "later": tuple(f"Running stage '{name}'" for name in stages[i + 1:]),
+                     "points": ("start:stages.report",)})
     attempts, state = [], {}
     for i, when in enumerate(plan):
         attempt = killed_repro(ws, logs / f"kill_{i:02d}.log", **when)
@@ -228,8 +247,8 @@ def test_ten_kills_then_a_full_run_end_where_an_uninterrupted_run_does(tmp_path:
         "reference_s": round(expected_s, 1), "final_s": round(final_s, 1),
         "total_s": round(time.monotonic() - t_start, 1),
         "stage_seconds": {k: round(v, 1) for k, v in took.items()},
-        "kills": [{k: a.get(k) for k in ("after", "offset", "at_s", "killed", "rwlock_repaired", "stages", "resumed",
-                                                "state_left")}
+        "kills": [{k: a.get(k) for k in ("after", "points", "offset", "at_s", "killed", "rwlock_repaired", "stages",
+                                                "resumed", "state_left")}
                   for a in attempts],
         "final_resumed": final["resumed"],
         "dvc_lock_notes": sorted({re.sub(r"\(Pid \d+\)", "(Pid N)", line) for a in [*attempts, final]
@@ -239,7 +258,15 @@ def test_ten_kills_then_a_full_run_end_where_an_uninterrupted_run_does(tmp_path:
     print(json.dumps(summary, indent=1))
     (logs / "summary.json").write_text(json.dumps(summary, indent=1))
 
-    assert sum(a["killed"] for a in attempts) >= KILLS // 2, "most runs should have been killed mid-way"
+    assert all(a["killed"] for a in attempts), f"every run should have been killed mid-way: {summary}"
+    # the teacher was killed in epoch teacher_at, after epoch teacher_at - 1's checkpoint, and resumed from it
+    assert attempts[0]["state_left"].get("teacher") == teacher_at - 1, summary
+    assert attempts[1]["resumed"].get("teacher") == teacher_at - 1, summary
+    # killed after its training finished but before DVC recorded it: the rerun trained no epoch
+    assert attempts[1]["state_left"].get("teacher") == EPOCHS, summary
+    assert attempts[2]["resumed"].get("teacher") == EPOCHS and "[teacher] epoch " not in attempts[2]["log"], summary
+    assert "nothing left to train" in attempts[2]["log"], summary
+    assert attempts[2]["state_left"].get("kd/tinynet_s") == kd_at - 1, summary
     resumed = {run for a in [*attempts, final] for run, epoch in a["resumed"].items() if epoch >= 1}
     assert {"teacher", "kd/tinynet_s"} <= resumed, f"training did not resume after a kill: {summary}"
 
@@ -253,6 +280,7 @@ def test_ten_kills_then_a_full_run_end_where_an_uninterrupted_run_does(tmp_path:
     assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout + status.stderr
     problems, checked = cache_problems(ws)
     assert checked > 20 and not problems, f"half-written or stray files in .dvc/cache: {problems}"
+    # finished runs' kept state is gone once DVC recorded them (every later stage prunes it)
     assert not (ws / ".kdpipe" / "state").exists() or not any((ws / ".kdpipe" / "state").rglob("last.pt"))
 
     lock_ref, lock_got = lock_hashes(ref), lock_hashes(ws)
