@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.config import load_params  # noqa: E402
 from pipeline.data import build_data  # noqa: E402
 from pipeline.deploy.artifacts import calibration_indices, deployable_runs, split_arrays  # noqa: E402
 from pipeline.deploy.edge.edge_runtime import open_session  # noqa: E402
@@ -46,6 +45,7 @@ from pipeline.deploy.export import export_onnx  # noqa: E402
 from pipeline.deploy.quantize import quantize_int8, score  # noqa: E402
 from pipeline.engine.checkpoint import load_model_file  # noqa: E402
 from pipeline.models import build  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
 
 MAX_INT8_DROP = 1.0
 MIN_INT8_SPEEDUP = 2.0

@@ -37,12 +37,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import Params  # noqa: E402
 from pipeline.distill import Distiller, MethodContext, build_method  # noqa: E402
 from pipeline.distill.registry import load_methods  # noqa: E402
 from pipeline.engine.checkpoint import save_torch  # noqa: E402
 from pipeline.engine.device import autocast  # noqa: E402
 from pipeline.models import build  # noqa: E402
+from pipeline.params import Params  # noqa: E402
 
 LOGIT_METHODS = ("kd", "dkd", "rco", "eskd")
 TARGET_RATIO = 1.10

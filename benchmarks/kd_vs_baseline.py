@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_params  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
 from pipeline.runs import RunId, evaluate, train  # noqa: E402
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from pipeline.config import ONLINE_METHODS, load_params  # noqa: E402
+from pipeline.params import ONLINE_METHODS, load_params  # noqa: E402
 from pipeline.runs import RunId, evaluate, train  # noqa: E402
 
 

@@ -36,7 +36,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, load_params
+    from pipeline.config.base import ConfigError
+    from pipeline.params import load_params
 
     try:
         p = load_params(args.params)
@@ -76,7 +77,7 @@ def _fail(err: BaseException, code: int) -> int:
 
 def _run_flow(fn, **kwargs) -> int:  # noqa: ANN001
     """Call a flow; user errors become one message and exit 2, failures of a run exit 1."""
-    from pipeline.config import ConfigError
+    from pipeline.config.base import ConfigError
     from pipeline.dvc_locks import LockBusyError, StaleLockError
     from pipeline.workspace import StageFailedError, WorkspaceBusyError
 
@@ -91,7 +92,7 @@ def _run_flow(fn, **kwargs) -> int:  # noqa: ANN001
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError
+    from pipeline.config.base import ConfigError
     from pipeline.workspace import merged_params, parse_assignments
 
     try:
@@ -106,7 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError
+    from pipeline.config.base import ConfigError
     from pipeline.workspace import merged_params, parse_assignments, sweep_plan
 
     try:

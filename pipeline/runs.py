@@ -17,14 +17,14 @@ DVC has recorded its outs (:mod:`pipeline.run_state`).
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel
 
-from pipeline.config import ONLINE_METHODS, ConfigError, Params, TrainConfig
+from pipeline.config.base import ConfigError
+from pipeline.config.training import TrainConfig
 from pipeline.data import DataSplits, build_data
 from pipeline.distill import MethodContext, Vanilla, build_method
 from pipeline.distill.online.common import OnlineDistiller, ensemble_metrics, load_ensemble, save_ensemble
@@ -36,47 +36,11 @@ from pipeline.engine.evaluation import classification_metrics, predict
 from pipeline.engine.loop import RunSpec, fit
 from pipeline.models import build, count_parameters
 from pipeline.models.complexity import count_macs
+from pipeline.params import ONLINE_METHODS, Params
 from pipeline.provenance import device_label
 from pipeline.provenance import provenance as build_provenance
+from pipeline.run_id import RunId
 from pipeline.run_state import STATE_ROOT, clear_finished, mark_finished
-
-
-@dataclass(frozen=True)
-class RunId:
-    """Which run: the teacher, a student alone (baseline) or a student distilled by a method.
-
-    ``distill`` runs an offline method (frozen teacher), ``online`` an online one (networks
-    trained together from scratch, no teacher stage); both are keyed ``<method>/<student>``
-    (method names are unique across both kinds).
-    """
-
-    role: str  # "teacher" | "baseline" | "distill" | "online"
-    student: str | None = None
-    method: str | None = None
-
-    @property
-    def key(self) -> str:
-        if self.role == "teacher":
-            return "teacher"
-        if self.role == "baseline":
-            return f"baseline/{self.student}"
-        return f"{self.method}/{self.student}"
-
-    @property
-    def arch(self) -> str:
-        return str(self.student)
-
-    def out_dir(self, root: Path) -> Path:
-        return root / "runs" / self.key
-
-    def live_dir(self, root: Path) -> Path:
-        return root / "live" / self.key
-
-    def metrics_file(self, root: Path) -> Path:
-        return root / "metrics" / f"{self.key}.json"
-
-    def plot_file(self, root: Path, kind: str) -> Path:
-        return root / "plots" / kind / f"{self.key}.json"
 
 
 def provenance(params_sha256: str, root: Path, *, git: bool = True, device: str = "cpu") -> dict[str, Any]:

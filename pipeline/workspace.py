@@ -29,8 +29,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, parse_params
+from pipeline.config.base import ConfigError
 from pipeline.engine.atomic import atomic_write_text
+from pipeline.params import parse_params
 
 
 class StageFailedError(RuntimeError):
@@ -260,7 +261,7 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 
 def merged_params(params_file: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The params of ``params_file`` with ``overrides`` applied, validated by the schema (ConfigError)."""
-    from pipeline.config import load_params
+    from pipeline.params import load_params
 
     load_params(params_file)  # the file itself must be valid first
     data = yaml.safe_load(params_file.read_text()) or {}

@@ -19,7 +19,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from pipeline.config import Params  # noqa: E402
+from pipeline.params import Params  # noqa: E402
 
 OFFLINE = ["kd", "fitnets", "at", "ab", "rkd", "crd", "dkd", "reviewkd", "sskd", "rco", "eskd"]
 

@@ -17,27 +17,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.errors import UserError
+from pipeline.params import Params, load_params
 from pipeline.run_state import prune_recorded
-
-# Errors a user can fix from the message alone: printed without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
 #: Stages that train, and so run on every rank under torchrun (the others run on rank 0 alone).
 TRAINING_STAGES = frozenset({"train_teacher", "train_student", "distill", "online"})
 
 #: Environment variable holding torchrun arguments for training stages started the plain way.
 TORCHRUN_ENV = "KDPIPE_TORCHRUN"
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.data import DatasetNotFoundError
-    from pipeline.distill import MethodSetupError
-    from pipeline.engine.checkpoint import CheckpointError
-    from pipeline.engine.loop import NonFiniteLossError
-    from pipeline.models import UnknownModelError
-
-    return USER_ERRORS + (DatasetNotFoundError, MethodSetupError, CheckpointError, NonFiniteLossError, UnknownModelError)
 
 
 def _under_launcher() -> bool:
@@ -93,7 +81,7 @@ def run_stage(name: str, body: Callable[[Params], object], params_path: str = "p
         if dist is None or name in TRAINING_STAGES or dist.is_main():
             body(params)
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
-        if isinstance(err, _user_errors()):
+        if isinstance(err, UserError):
             who = f" (rank {dist.rank()})" if dist is not None and dist.launched() else ""
             print(f"{name}{who}: error: {err}", file=sys.stderr)
             sys.exit(2)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from pipeline.config import Params
 from pipeline.deploy import DeployError
+from pipeline.params import Params
 from stages._common import run_stage
 
 

@@ -39,7 +39,8 @@ def tiny_params(**sections: dict) -> dict:
 def write_params(path: Path, params: dict, complete: bool = True) -> Path:
     """Write params as DVC needs them: every key spelled out (DVC tracks keys, not schema defaults)."""
     if complete:
-        from pipeline.config import ConfigError, parse_params
+        from pipeline.config.base import ConfigError
+        from pipeline.params import parse_params
 
         try:
             params = parse_params(params).model_dump(mode="json")

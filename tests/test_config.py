@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_params, parse_params
+from pipeline.config.base import ConfigError
+from pipeline.params import load_params, parse_params
 from tests.conftest import REPO, tiny_params, write_params
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.config import DATASETS, DataConfig
+from pipeline.config.training import DATASETS, DataConfig
 from pipeline.data import (
     DATASET_NAMES,
     DatasetNotFoundError,

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.config import ConfigError
+from pipeline.config.base import ConfigError
 from pipeline.engine import distributed
 from pipeline.engine.progress import Progress
 from pipeline.engine.seeding import seed_epoch

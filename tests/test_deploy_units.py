@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, parse_params
+from pipeline.config.base import ConfigError
 from pipeline.deploy.edge import build_engine as be
 from pipeline.deploy.tensorrt_build import tensorrt_availability, trtexec_commands, trtexec_script
+from pipeline.params import parse_params
 from pipeline.report.results import summarize
 from pipeline.report.rows import best_under_budget, build_rows, label, pareto_front
 from tests.conftest import tiny_params

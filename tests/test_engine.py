@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ScheduleConfig, TrainConfig, parse_params
+from pipeline.config.training import ScheduleConfig, TrainConfig
 from pipeline.data import build_data
 from pipeline.distill import Vanilla
 from pipeline.engine.atomic import atomic_write, atomic_write_text
@@ -16,6 +16,7 @@ from pipeline.engine.checkpoint import CheckpointError, load_model_file, load_to
 from pipeline.engine.loop import NonFiniteLossError, RunSpec, fit
 from pipeline.engine.optim import lr_factor
 from pipeline.models import build
+from pipeline.params import parse_params
 from tests.conftest import fit_until_crash, tiny_params
 
 

@@ -141,7 +141,7 @@ def test_failed_stage_with_bad_input_is_not_retried_and_its_message_is_logged(to
 
 
 def test_unknown_param_key_fails_before_any_stage_and_touches_nothing(toy: Path):
-    from pipeline.config import ConfigError
+    from pipeline.config.base import ConfigError
     from pipeline.flows import pipeline_flow
 
     before = (toy / "params.yaml").read_text()
@@ -198,7 +198,7 @@ def test_cli_run_reports_bad_params_in_one_line(toy: Path):
 
 
 def test_apply_params_keeps_comments_and_validates_first(toy: Path):
-    from pipeline.config import ConfigError
+    from pipeline.config.base import ConfigError
     from pipeline.workspace import apply_params, parse_assignments
 
     f = toy / "params.yaml"

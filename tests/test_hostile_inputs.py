@@ -18,7 +18,6 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import main as kdpipe
-from pipeline.config import parse_params
 from pipeline.data import BadDatasetError, build_data
 from pipeline.deploy.benchmark import benchmark_all
 from pipeline.deploy.bundle import bundle_all
@@ -26,6 +25,7 @@ from pipeline.deploy.export import export_all
 from pipeline.deploy.quantize import quantize_all
 from pipeline.engine.checkpoint import save_model_file
 from pipeline.models import build
+from pipeline.params import parse_params
 from pipeline.runs import RunId, evaluate, train
 from stages._common import run_stage
 from stages._deploy import run_deploy_stage

@@ -16,12 +16,13 @@ import torch
 import yaml
 
 from pipeline import runs
-from pipeline.config import METHODS, ScheduleConfig, TrainConfig, load_params, parse_params
+from pipeline.config.training import ScheduleConfig, TrainConfig
 from pipeline.distill import MethodContext, MethodSetupError, build_method
 from pipeline.distill.registry import load_methods
 from pipeline.engine.checkpoint import load_model_file, load_torch, state_digest
 from pipeline.engine.loop import RunSpec, fit
 from pipeline.models import build
+from pipeline.params import METHODS, load_params, parse_params
 from pipeline.runs import RunId
 from tests.conftest import REPO, fit_until_crash, tiny_params
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import runs
-from pipeline.config import ONLINE_METHODS, ConfigError, ScheduleConfig, TrainConfig, parse_params
+from pipeline.config.base import ConfigError
+from pipeline.config.training import ScheduleConfig, TrainConfig
 from pipeline.data import build_data
 from pipeline.distill import MethodContext, MethodSetupError, build_method
 from pipeline.distill.losses import (
@@ -37,6 +38,7 @@ from pipeline.distill.registry import load_methods
 from pipeline.engine.checkpoint import load_model_file, load_torch, state_digest
 from pipeline.engine.loop import RunSpec, fit
 from pipeline.models import build
+from pipeline.params import ONLINE_METHODS, parse_params
 from pipeline.runs import RunId
 from tests.conftest import fit_until_crash, tiny_params
 

@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from pipeline.cli import main as kdpipe
-from pipeline.config import ConfigError, Params, parse_params
+from pipeline.config.base import ConfigError
+from pipeline.params import Params, parse_params
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ENTRY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

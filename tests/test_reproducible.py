@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from pipeline import __version__
-from pipeline.config import parse_params
 from pipeline.deploy.benchmark import benchmark_all
 from pipeline.deploy.bundle import bundle_all
 from pipeline.deploy.export import export_all
@@ -26,6 +25,7 @@ from pipeline.deploy.metadata import read_metadata
 from pipeline.deploy.quantize import quantize_all
 from pipeline.deploy.tensorrt_build import build_all
 from pipeline.engine.atomic import file_sha256
+from pipeline.params import parse_params
 from pipeline.provenance import git_state, provenance
 from pipeline.report.results import report_all
 from pipeline.runs import RunId, evaluate, train

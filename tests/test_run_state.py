@@ -79,7 +79,7 @@ def test_prune_removes_only_states_whose_outs_dvc_recorded_as_they_are(tmp_path:
 
 
 def test_a_finished_run_is_kept_then_rerun_without_training(tmp_path: Path, capsys):
-    from pipeline.config import parse_params
+    from pipeline.params import parse_params
     from pipeline.runs import RunId, train
     from tests.conftest import tiny_params
 

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 
+from pipeline.errors import UserError
+
 if TYPE_CHECKING:
-    from pipeline.config import DataConfig
+    from pipeline.config.training import DataConfig
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset's files are not where ``data.root`` says; the message names the path and the expected layout."""
 
 

@@ -27,7 +27,7 @@ from pipeline.data.images import ArrayStore
 from pipeline.data.splits import assemble_splits, carve_val
 
 if TYPE_CHECKING:
-    from pipeline.config import DataConfig
+    from pipeline.config.training import DataConfig
 
 NATIVE_SIZE = 32
 

@@ -19,7 +19,7 @@ from pipeline.data.images import ArrayStore
 from pipeline.data.splits import assemble_splits, split_pool
 
 if TYPE_CHECKING:
-    from pipeline.config import DataConfig
+    from pipeline.config.training import DataConfig
 
 NATIVE_SIZE = 8
 SCALE = 16.0

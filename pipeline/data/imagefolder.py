@@ -36,7 +36,7 @@ from pipeline.data.images import CACHE_BUDGET_BYTES, FOLDER_CACHE_MAX_FILES, Fil
 from pipeline.data.splits import assemble_splits, carve_val
 
 if TYPE_CHECKING:
-    from pipeline.config import DataConfig
+    from pipeline.config.training import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pipeline.data.base import BadDatasetError, DataSplits
 from pipeline.data.images import ImageDataset, ImageStore, channel_stats, crop_padding
 
 if TYPE_CHECKING:
-    from pipeline.config import DataConfig
+    from pipeline.config.training import DataConfig
 
 
 def derive_seed(seed: int, purpose: str) -> int:

@@ -25,7 +25,7 @@ from pipeline.data.images import ArrayStore
 from pipeline.data.splits import assemble_splits, derive_seed, split_pool
 
 if TYPE_CHECKING:
-    from pipeline.config import DataConfig
+    from pipeline.config.training import DataConfig
 
 CHANNELS = 3
 NOISE_STD = 0.15

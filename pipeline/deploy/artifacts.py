@@ -32,8 +32,8 @@ from pipeline.engine.atomic import sha256_json
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
-    from pipeline.config import Params
-    from pipeline.runs import RunId
+    from pipeline.params import Params
+    from pipeline.run_id import RunId
 
 VARIANTS = ("fp32", "fp16", "int8")
 #: The symmetric INT8 QDQ file TensorRT builds INT8 engines from (not an onnxruntime benchmark variant).
@@ -90,7 +90,7 @@ def deployable_runs(params: Params, include_teacher: bool | None = None) -> list
     """Every run the params define: the teacher (when included), then per student its baseline,
     its offline methods (``distill.methods``, role ``distilled``) and its online methods
     (``online.methods``, role ``online``)."""
-    from pipeline.runs import RunId
+    from pipeline.run_id import RunId
 
     with_teacher = params.export.include_teacher if include_teacher is None else include_teacher
     online = getattr(getattr(params, "online", None), "methods", None) or []

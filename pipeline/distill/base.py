@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.errors import UserError
 from pipeline.models.base import ModelOutput
 
 
-class MethodSetupError(ValueError):
+class MethodSetupError(UserError, ValueError):
     """A method cannot work with the given models; the message names method, models and what is missing."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,23 +24,17 @@ class MethodSpec:
 
 
 METHOD_REGISTRY: dict[str, MethodSpec] = {}
-_MODULES = (
-    "pipeline.distill.offline.kd",
-    "pipeline.distill.offline.fitnets",
-    "pipeline.distill.offline.at",
-    "pipeline.distill.offline.ab",
-    "pipeline.distill.offline.rkd",
-    "pipeline.distill.offline.crd",
-    "pipeline.distill.offline.dkd",
-    "pipeline.distill.offline.reviewkd",
-    "pipeline.distill.offline.sskd",
-    "pipeline.distill.offline.rco",
-    "pipeline.distill.offline.eskd",
-    "pipeline.distill.online.dml",
-    "pipeline.distill.online.one",
-    "pipeline.distill.online.okddip",
-    "pipeline.distill.online.ekd",
-)
+#: Packages whose modules are the methods, one module per method, named after it (plus shared helpers).
+METHOD_PACKAGES = {"pipeline.distill.offline": True, "pipeline.distill.online": False}
+
+
+def method_modules() -> dict[str, bool]:
+    """Every module of the method packages (name -> offline), found on disk: adding a method is adding a file."""
+    found = {}
+    for package, offline in METHOD_PACKAGES.items():
+        path = importlib.import_module(package).__path__
+        found.update({f"{package}.{m.name}": offline for m in pkgutil.iter_modules(path) if not m.ispkg})
+    return found
 
 
 def register_method(name: str, params: type[BaseModel], offline: bool = True) -> Callable[[type[Distiller]], type[Distiller]]:
@@ -48,6 +43,10 @@ def register_method(name: str, params: type[BaseModel], offline: bool = True) ->
     def deco(cls: type[Distiller]) -> type[Distiller]:
         if name in METHOD_REGISTRY and METHOD_REGISTRY[name].cls is not cls:
             raise ValueError(f"method {name!r} registered twice")
+        package = "pipeline.distill.offline" if offline else "pipeline.distill.online"
+        if cls.__module__ != f"{package}.{name}":
+            raise ValueError(f"method {name!r} must live in {package}.{name} (one file per method, named after it; "
+                             f"dvc.yaml's stages depend on that file), not in {cls.__module__}")
         METHOD_REGISTRY[name] = MethodSpec(name, cls, params, offline)
         return cls
 
@@ -55,10 +54,15 @@ def register_method(name: str, params: type[BaseModel], offline: bool = True) ->
 
 
 def load_methods() -> dict[str, MethodSpec]:
-    """Import every method module so the registry is complete."""
-    for mod in _MODULES:
-        importlib.import_module(mod)
-    return METHOD_REGISTRY
+    """Import every method module so the registry is complete (offline methods first, each kind by name)."""
+    for module in method_modules():
+        importlib.import_module(module)
+    return dict(sorted(METHOD_REGISTRY.items(), key=lambda item: (not item[1].offline, item[0])))
+
+
+def method_schemas(offline: bool) -> dict[str, type[BaseModel]]:
+    """Method name -> its params schema, for the offline or the online methods."""
+    return {name: spec.params for name, spec in load_methods().items() if spec.offline == offline}
 
 
 def build_method(

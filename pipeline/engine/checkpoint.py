@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from pipeline.engine.atomic import atomic_write
+from pipeline.errors import UserError
 
 MODEL_FORMAT = "kdpipe-model/1"
 STATE_FORMAT = "kdpipe-train-state/1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from pipeline.config import ConfigError
+from pipeline.config.base import ConfigError
 from pipeline.engine.device import pick_device
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline.config import TrainConfig
+from pipeline.config.training import TrainConfig
 from pipeline.engine import distributed
 from pipeline.engine.atomic import atomic_write_json
 from pipeline.engine.checkpoint import STATE_FORMAT, CheckpointError, load_torch, save_torch
@@ -38,9 +38,10 @@ from pipeline.engine.optim import build_optimizer, build_scheduler
 from pipeline.engine.progress import Progress
 from pipeline.engine.seeding import reseed_worker_for_rank, rng_state, seed_epoch, seed_everything, set_rng_state
 from pipeline.engine.trainable import Trainable
+from pipeline.errors import UserError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss became NaN/Inf; the run stopped and the last good checkpoint was kept."""
 
 

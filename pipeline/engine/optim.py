@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pipeline.config import ScheduleConfig, TrainConfig
+from pipeline.config.training import ScheduleConfig, TrainConfig
 
 
 def lr_factor(schedule: ScheduleConfig, epochs: int, epoch: int) -> float:

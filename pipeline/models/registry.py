@@ -19,12 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import UserError
+
 from .base import StagedNet
 
 Factory = Callable[..., StagedNet]
 
 
-class UnknownModelError(KeyError, ValueError):
+class UnknownModelError(UserError, KeyError, ValueError):
     """A model name that is not registered.
 
     It is a ``KeyError`` (a failed lookup) and a ``ValueError`` (a bad config value),

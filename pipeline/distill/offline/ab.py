@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import ABConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext, Phase
 from pipeline.distill.losses import ab_loss, hinton_terms
 from pipeline.distill.offline.common import ConvRegressor, paired_stages, probe, require_staged, setup_error
@@ -57,6 +58,19 @@ class ABInit(Distiller):
             for k, ((i, j), conn) in enumerate(zip(self.pairs, self.connectors, strict=True))
         )
         return out.logits, {"ab": self.cfg.ab_weight * loss}
+
+
+class ABConfig(Strict):
+    """Heo et al. 2019, "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons"."""
+
+    init_epochs: int = Field(30, ge=0, le=10000, description="epochs of the boundary-transfer initialisation phase (student + connectors); 0 skips it")
+    init_lr: float | None = Field(None, gt=0.0, le=10.0, description="lr of the initialisation phase; null = the run's lr (RepDistiller)")
+    margin: float = Field(1.0, gt=0.0, description="margin of the alternative (hinge-squared) boundary loss")
+    ab_weight: float = Field(0.003, gt=0.0, description="scale of the boundary loss (the references' 3/1000)")
+    stages: int = Field(4, ge=1, le=16, description="pair the deepest N stages (pre-activation features)")
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="KD temperature of the main phase")
+    ce_weight: float = Field(0.1, ge=0.0, description="main phase: CE weight")
+    kd_weight: float = Field(0.9, ge=0.0, description="main phase: KD weight (0 with ce_weight 1 reproduces RepDistiller's AB row)")
 
 
 @register_method("ab", ABConfig, offline=True)

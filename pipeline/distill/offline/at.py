@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import ATConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import at_loss
 from pipeline.distill.offline.common import paired_stages, require_staged
 from pipeline.distill.registry import register_method
+
+
+class ATConfig(Strict):
+    """Zagoruyko & Komodakis 2017, "Paying More Attention to Attention"."""
+
+    p: float = Field(2.0, gt=0.0, le=8.0, description="attention map = normalised channel mean of |f|^p")
+    stages: int = Field(4, ge=1, le=16, description="pair the deepest N stages of both networks (the references skip VGG's first block)")
+    ce_weight: float = Field(1.0, ge=0.0)
+    at_weight: float = Field(1000.0, ge=0.0)
 
 
 @register_method("at", ATConfig, offline=True)

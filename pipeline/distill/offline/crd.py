@@ -6,9 +6,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import CRDConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import crd_nce_loss, kd_loss
 from pipeline.distill.offline.common import require_staged, setup_error
@@ -86,6 +87,19 @@ class ContrastMemory(nn.Module):
                     pos = bank.index_select(0, all_idx).mul_(self.momentum).add_(v_all * (1 - self.momentum))
                     bank.index_copy_(0, all_idx, F.normalize(pos, dim=1))
             return out_s / self.z[0], out_t / self.z[1]
+
+
+class CRDConfig(Strict):
+    """Tian et al. 2020, "Contrastive Representation Distillation" (NCE over a memory bank of embeddings)."""
+
+    feat_dim: int = Field(128, ge=2, le=65536, description="dimension of the student and teacher embedding heads")
+    nce_k: int = Field(16384, ge=1, description="negatives per sample (capped at the training-set size - 1)")
+    nce_t: float = Field(0.07, gt=0.0, le=10.0, description="temperature of the contrastive scores")
+    nce_m: float = Field(0.5, ge=0.0, lt=1.0, description="momentum of the memory-bank update")
+    ce_weight: float = Field(1.0, ge=0.0)
+    crd_weight: float = Field(0.8, ge=0.0)
+    kd_weight: float = Field(0.0, ge=0.0, description="optional Hinton KD term (CRD+KD in the paper uses 1.0)")
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="temperature of the optional KD term")
 
 
 @register_method("crd", CRDConfig, offline=True)

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import DKDConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import dkd_loss
 from pipeline.distill.offline.common import ramp
 from pipeline.distill.registry import register_method
+
+
+class DKDConfig(Strict):
+    """Zhao et al. 2022, "Decoupled Knowledge Distillation"."""
+
+    alpha: float = Field(1.0, ge=0.0, description="weight of target-class KD (TCKD)")
+    beta: float = Field(8.0, ge=0.0, description="weight of non-target-class KD (NCKD); 6 or 2 for some pairs")
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    ce_weight: float = Field(1.0, ge=0.0)
+    warmup_epochs: int = Field(20, ge=0, description="the DKD term ramps linearly to full weight over these epochs")
 
 
 @register_method("dkd", DKDConfig, offline=True)

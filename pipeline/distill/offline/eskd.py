@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import ESKDConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext, freeze
 from pipeline.distill.losses import kd_loss
 from pipeline.distill.offline.common import (
@@ -19,6 +20,16 @@ from pipeline.distill.offline.common import (
     setup_error,
 )
 from pipeline.distill.registry import register_method
+
+
+class ESKDConfig(Strict):
+    """Cho & Hariharan 2019, "On the Efficacy of Knowledge Distillation" (early-stopped teacher / early-stopped KD)."""
+
+    teacher_epoch: int | None = Field(None, ge=1, description="route checkpoint (teacher epoch) to distil from; null = the one nearest half the teacher's training")
+    stop_epoch: int | None = Field(None, ge=1, description="student epoch after which the KD term stops (plain CE from then on); null = never")
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    ce_weight: float = Field(0.1, ge=0.0)
+    kd_weight: float = Field(0.9, ge=0.0)
 
 
 @register_method("eskd", ESKDConfig, offline=True)

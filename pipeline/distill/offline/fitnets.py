@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import FitNetsConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import hint_loss
 from pipeline.distill.offline.common import ConvRegressor, probe, require_staged, resolve_stage, setup_error
 from pipeline.distill.registry import register_method
+
+
+class FitNetsConfig(Strict):
+    """Romero et al. 2015, "FitNets: Hints for Thin Deep Nets" (trained jointly with CE, as RepDistiller/mdistiller)."""
+
+    student_stage: int | None = Field(None, description="student stage regressed onto the hint (Python index, negative counts from the end); null = the middle stage")
+    teacher_stage: int | None = Field(None, description="teacher stage giving the hint; null = the middle stage")
+    ce_weight: float = Field(1.0, ge=0.0)
+    hint_weight: float = Field(100.0, ge=0.0, description="weight of the MSE between regressed student and teacher features")
 
 
 @register_method("fitnets", FitNetsConfig, offline=True)

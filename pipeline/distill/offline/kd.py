@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import KDConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import hinton_terms
 from pipeline.distill.registry import register_method
+
+
+class KDConfig(Strict):
+    """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"."""
+
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    ce_weight: float = Field(0.1, ge=0.0)
+    kd_weight: float = Field(0.9, ge=0.0)
 
 
 @register_method("kd", KDConfig, offline=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import RCOConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import kd_loss
 from pipeline.distill.offline.common import (
@@ -20,6 +21,19 @@ from pipeline.distill.offline.common import (
     setup_error,
 )
 from pipeline.distill.registry import register_method
+
+
+class RCOConfig(Strict):
+    """Jin et al. 2019, "Knowledge Distillation via Route Constrained Optimization" (anchors from the teacher's route)."""
+
+    strategy: Literal["equal", "greedy"] = Field("equal", description="equal: anchors at equal teacher-epoch intervals, switched at equal student-epoch intervals; greedy: step to the next route checkpoint once the student follows the current one")
+    num_anchors: int = Field(4, ge=1, le=1000, description="equal strategy: anchors taken from the route (the last is the converged teacher)")
+    route_span: float = Field(0.6, gt=0.0, le=1.0, description="share of the student's epochs spent walking the route; the converged teacher supervises the rest")
+    greedy_threshold: float = Field(0.5, gt=0.0, description="greedy: move on when the epoch's mean KD term (T^2 KL) to the current anchor has fallen to this share of its value in the first epoch on that anchor")
+    min_anchor_epochs: int = Field(1, ge=1, description="greedy: epochs on an anchor before it may move on")
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    ce_weight: float = Field(0.1, ge=0.0)
+    kd_weight: float = Field(0.9, ge=0.0)
 
 
 @register_method("rco", RCOConfig, offline=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import ReviewKDConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import hcl_loss
 from pipeline.distill.offline.common import paired_stages, probe, ramp, require_staged
@@ -41,6 +42,17 @@ class ABF(nn.Module):
         if tuple(x.shape[2:]) != tuple(out_size):
             x = F.interpolate(x, size=out_size, mode="nearest")
         return self.conv2(x), x
+
+
+class ReviewKDConfig(Strict):
+    """Chen et al. 2021, "Distilling Knowledge via Knowledge Review" (ABF fusion + hierarchical context loss)."""
+
+    review_weight: float = Field(5.0, ge=0.0, description="weight of the HCL loss (5 for most pairs, 8 shufflenetv2, 0.6 resnet20)")
+    ce_weight: float = Field(1.0, ge=0.0)
+    warmup_epochs: int = Field(20, ge=0, description="the review term ramps linearly to full weight over these epochs")
+    stages: int = Field(4, ge=1, le=16, description="review the deepest N stages (plus the pooled embedding)")
+    max_mid_channels: int = Field(512, ge=1, description="ABF width = min(this, student embedding width)")
+    student_preact: bool = Field(False, description="read the student's pre-activation stage outputs (the teacher's are always pre-activation)")
 
 
 @register_method("reviewkd", ReviewKDConfig, offline=True)

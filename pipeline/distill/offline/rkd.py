@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import RKDConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import rkd_loss
 from pipeline.distill.offline.common import require_staged
 from pipeline.distill.registry import register_method
+
+
+class RKDConfig(Strict):
+    """Park et al. 2019, "Relational Knowledge Distillation" (on the pooled embeddings)."""
+
+    distance_weight: float = Field(25.0, ge=0.0)
+    angle_weight: float = Field(50.0, ge=0.0)
+    ce_weight: float = Field(1.0, ge=0.0)
+    rkd_weight: float = Field(1.0, ge=0.0, description="overall multiplier of the relational loss")
 
 
 @register_method("rkd", RKDConfig, offline=True)

@@ -6,9 +6,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import SSKDConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext, Phase
 from pipeline.distill.losses import kd_loss, target_rank, view_similarity, well_ranked
 from pipeline.distill.offline.common import require_staged, setup_error
@@ -63,6 +64,22 @@ class SSKDHead(Distiller):
 
     def eval_logits(self, images: Tensor) -> dict[str, Tensor]:
         return {"model": self.teacher_forward(images)}
+
+
+class SSKDConfig(Strict):
+    """Xu et al. 2020, "Knowledge Distillation Meets Self-Supervision" (rotation views, selective transfer)."""
+
+    head_epochs: int = Field(60, ge=0, le=10000, description="epochs training the teacher's projection head on the frozen backbone (phase 1)")
+    head_lr: float = Field(0.05, gt=0.0, le=10.0, description="lr of that phase")
+    ce_weight: float = Field(0.1, ge=0.0, description="CE on the normal views")
+    kd_weight: float = Field(0.9, ge=0.0, description="KD on the normal views")
+    tf_weight: float = Field(2.7, ge=0.0, description="KD on the rotated views (transformation term)")
+    ss_weight: float = Field(10.0, ge=0.0, description="KL of the view-similarity matrices (self-supervision term)")
+    kd_temperature: float = Field(4.0, gt=0.0, le=100.0)
+    tf_temperature: float = Field(4.0, gt=0.0, le=100.0)
+    ss_temperature: float = Field(0.5, gt=0.0, le=100.0)
+    tf_keep_wrong: float = Field(1.0, ge=0.0, le=1.0, description="share of the rotated views the teacher misclassifies kept for the tf term (best ranked first)")
+    ss_keep_wrong: float = Field(0.75, ge=0.0, le=1.0, description="share of the views the teacher mismatches kept for the ss term")
 
 
 @register_method("sskd", SSKDConfig, offline=True)

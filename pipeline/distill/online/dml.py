@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from pipeline.config import DMLConfig
+from pipeline.config.base import Strict
+from pipeline.config.training import check_model_name
 from pipeline.distill.base import MethodContext
 from pipeline.distill.losses import log_mean_probs, mutual_kl_loss
 from pipeline.distill.online.common import OnlineDistiller, build_like
 from pipeline.distill.registry import register_method
+
+
+class DMLConfig(Strict):
+    """Zhang et al. 2018, "Deep Mutual Learning" (CVPR): K peers, each CE + KL to the others' predictions."""
+
+    num_peers: int = Field(2, ge=2, le=16, description="K, the number of peers (peer 0 has the student's architecture)")
+    peer_models: list[str] = Field(default_factory=list, description="architectures of peers 1, 2, ... in order; peers not listed use the student's architecture")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="softmax temperature of the mutual KL (the paper: 1, plain probabilities)")
+    ce_weight: float = Field(1.0, ge=0.0)
+    kl_weight: float = Field(1.0, ge=0.0, description="weight of each peer's mean KL to the other peers")
+
+    @model_validator(mode="after")
+    def _peers(self) -> DMLConfig:
+        for name in self.peer_models:
+            check_model_name(name)
+        if len(self.peer_models) > self.num_peers - 1:
+            raise ValueError(f"peer_models lists {len(self.peer_models)} architectures but num_peers={self.num_peers} leaves room for {self.num_peers - 1}")
+        return self
 
 
 @register_method("dml", DMLConfig, offline=False)

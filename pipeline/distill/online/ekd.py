@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from pipeline.config import EKDConfig
+from pipeline.config.base import Strict
+from pipeline.config.training import check_model_name
 from pipeline.distill.base import MethodContext, MethodSetupError
 from pipeline.distill.losses import hint_loss, kd_loss, log_mean_probs
 from pipeline.distill.online.common import OnlineDistiller, build_like
@@ -34,6 +36,24 @@ def feature_mimic_loss(guided_s: Tensor, feat_t: Tensor) -> Tensor:
         guided_s = F.adaptive_avg_pool2d(guided_s, side) if hs != side else guided_s
         feat_t = F.adaptive_avg_pool2d(feat_t, side) if ht != side else feat_t
     return hint_loss(guided_s, feat_t)
+
+
+class EKDConfig(Strict):
+    """EKD, "Evolutionary Knowledge Distillation" (Zhang et al. 2021): our reconstruction from the abstract (docs/online.md)."""
+
+    teacher_model: str | None = Field(None, description="architecture of the evolving teacher, trained from scratch with the student; null = teacher.model")
+    stages: int | None = Field(None, ge=1, le=16, description="pair the deepest N stages through guided modules; null = every stage both networks have")
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    ce_weight: float = Field(1.0, ge=0.0, description="student CE on labels")
+    teacher_ce_weight: float = Field(1.0, ge=0.0, description="teacher CE on labels (its only loss)")
+    kd_weight: float = Field(1.0, ge=0.0, description="student T^2 KL to the teacher's softened outputs (ramped)")
+    feat_weight: float = Field(1.0, ge=0.0, description="student MSE to the teacher's stage features through the guided modules, summed over stages (ramped)")
+    rampup_epochs: int | None = Field(None, ge=0, description="sigmoid ramp of the KD and feature terms; null = round(80/300 x epochs); 0 = none")
+
+    @field_validator("teacher_model")
+    @classmethod
+    def _known_model(cls, v: str | None) -> str | None:
+        return None if v is None else check_model_name(v)
 
 
 @register_method("ekd", EKDConfig, offline=False)

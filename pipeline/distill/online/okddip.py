@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import OKDDipConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import MethodContext
 from pipeline.distill.losses import attention_kd_loss, kd_loss, peer_attention
 from pipeline.distill.online.common import MultiBranchNet, OnlineDistiller, build_like, resolve_split
 from pipeline.distill.registry import register_method
+
+
+class OKDDipConfig(Strict):
+    """Chen et al. 2020, "Online Knowledge Distillation with Diverse Peers" (AAAI): attention-weighted peer targets and a leader."""
+
+    num_peers: int = Field(3, ge=2, le=16, description="auxiliary peers (the reference's num_branches=4 is 3 peers + the leader)")
+    shared_stages: int | None = Field(None, ge=0, description="stages shared by peers and leader (the stem always is); null = all but the last stage, as the reference")
+    temperature: float = Field(3.0, gt=0.0, le=100.0)
+    ce_weight: float = Field(1.0, ge=0.0, description="CE of every peer and of the leader")
+    peer_kl_weight: float = Field(1.0, ge=0.0, description="first level: each peer's T^2 KL to its attention-weighted target (ramped)")
+    leader_kl_weight: float = Field(1.0, ge=0.0, description="second level: the leader's T^2 KL to the peers' mean (ramped)")
+    proj_factor: int = Field(8, ge=1, le=1024, description="query/key projections map the embedding to embedding_dim // proj_factor (at least 1)")
+    include_self: bool = Field(False, description="let a peer's own prediction enter its target (the reference code does; the paper's text says the other peers)")
+    rampup_epochs: int | None = Field(None, ge=0, description="sigmoid ramp of both KL terms; null = round(80/300 x epochs); 0 = none")
 
 
 @register_method("okddip", OKDDipConfig, offline=False)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from pipeline.config import ONEConfig
+from pipeline.config.base import Strict
 from pipeline.distill.base import MethodContext
 from pipeline.distill.losses import gated_ensemble, kd_loss
 from pipeline.distill.online.common import MultiBranchNet, OnlineDistiller, build_like, probe_channels, resolve_split
@@ -28,6 +29,18 @@ class Gate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.softmax(F.relu(self.bn(self.fc(torch.flatten(self.pool(x), 1)))), dim=1)
+
+
+class ONEConfig(Strict):
+    """Lan et al. 2018, "Knowledge Distillation by On-the-Fly Native Ensemble" (NeurIPS)."""
+
+    num_branches: int = Field(3, ge=2, le=16, description="m, the branches on top of the shared low layers")
+    shared_stages: int | None = Field(None, ge=0, description="stages shared by every branch (the stem always is); null = all but the last stage")
+    temperature: float = Field(3.0, gt=0.0, le=100.0)
+    ce_weight: float = Field(1.0, ge=0.0, description="CE of every branch")
+    ensemble_ce_weight: float = Field(1.0, ge=0.0, description="CE of the gated ensemble")
+    kl_weight: float = Field(1.0, ge=0.0, description="T^2 KL from the detached ensemble to every branch (ramped)")
+    rampup_epochs: int | None = Field(None, ge=0, description="sigmoid ramp of the KL weight (80 epochs of 300 in the reference); null = round(80/300 x epochs); 0 = none")
 
 
 @register_method("one", ONEConfig, offline=False)
