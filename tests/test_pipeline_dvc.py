@@ -58,6 +58,24 @@ def test_second_repro_skips_everything(workspace: Path):
     assert "didn't change" in out or "up to date" in out
 
 
+@pytest.mark.parametrize(("edited", "rerun"), [
+    ("pipeline/deploy/benchmark.py", {"benchmark", "report"}),
+    ("pipeline/report/plots.py", {"report"}),
+    ("pipeline/config/deploy.py", {"export", "quantize", "tensorrt", "bundle", "benchmark", "report"}),
+    ("pipeline/distill/offline/kd.py", {"distill@tinynet_s-kd", "distill@resnet8-kd"}),
+])
+def test_editing_code_reruns_only_the_stages_that_run_it(workspace: Path, edited: str, rerun: set[str]):
+    """dvc.yaml's per-stage code deps (tests/test_stage_deps.py), seen by DVC itself: training stays up to date."""
+    ws = workspace
+    original = (ws / edited).read_text()
+    (ws / edited).write_text(original + "\n# an edit\n")
+    try:
+        status = json.loads(subprocess.run(["dvc", "status", "--json"], cwd=ws, capture_output=True, text=True).stdout)
+    finally:
+        (ws / edited).write_text(original)
+    assert set(status) == rerun, sorted(status)
+
+
 def test_changing_one_student_reruns_only_its_stages(workspace: Path):
     ws = workspace
     params = yaml.safe_load((ws / "params.yaml").read_text())
