@@ -93,7 +93,7 @@ def test_every_online_method_is_registered_online_and_configurable():
 
 
 def test_bad_online_params_name_the_key():
-    with pytest.raises(ConfigError, match=r"online\.methods.*allowed: dml, one, okddip, ekd"):
+    with pytest.raises(ConfigError, match=r"online\.methods.*allowed: dml, ekd, okddip, one"):
         parse_params({"online": {"methods": ["kd"]}})
     with pytest.raises(ConfigError, match=r"online\.dml.*peer_models"):
         parse_params({"online": {"dml": {"num_peers": 2, "peer_models": ["tinynet_s", "tinynet_m"]}}})
