@@ -69,6 +69,20 @@ def make_workspace(dest: Path, params: dict) -> Path:
     return dest
 
 
+#: Printed by a stage process that reached a kill point of ``killpoint_env`` (``tests/killpoint/sitecustomize.py``).
+KILLPOINT_REACHED = "KILLPOINT reached "
+
+
+def killpoint_env(env: dict[str, str], *points: str) -> dict[str, str]:
+    """``env`` with the kill points ``points`` armed: stage processes started with it stop there and wait to be killed.
+
+    Tests that SIGKILL a run use them so where the kill lands does not depend on the machine's speed.
+    """
+    folder = str(REPO / "tests" / "killpoint")
+    return {**env, "PYTHONPATH": os.pathsep.join([folder, *filter(None, [env.get("PYTHONPATH")])]),
+            "KDPIPE_KILLPOINTS": ",".join(points)}
+
+
 class CrashAfterEpoch(Exception):
     """Raised by :func:`fit_until_crash` to stop a training run the way a crash would."""
 

@@ -43,16 +43,15 @@ import pytest
 import yaml
 
 from pipeline.dvc_locks import inspect_locks
-from tests.conftest import make_workspace, tiny_params
+from tests.conftest import KILLPOINT_REACHED, killpoint_env, make_workspace, tiny_params
 
 pytestmark = pytest.mark.slow
 
 SEED = 7
 KILLS = 10
 EPOCHS = 12
-KILLPOINTS = Path(__file__).resolve().parent / "killpoint"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "KDPIPE_PROGRESS": "lines", "PYTHONUNBUFFERED": "1"}
-REACHED = "KILLPOINT reached "
+REACHED = KILLPOINT_REACHED
 PARAMS = tiny_params(
     data={"synthetic_samples": 160},
     train={"epochs": EPOCHS},
@@ -162,8 +161,7 @@ def killed_repro(ws: Path, log: Path, after: str, later: tuple[str, ...] = (), o
     and wait; the line each prints when reached counts as ``after`` too.
     """
     t0 = time.monotonic()
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(KILLPOINTS), *filter(None, [ENV.get("PYTHONPATH")])]),
-           "KDPIPE_KILLPOINTS": ",".join(points)}
+    env = killpoint_env(ENV, *points)
     with log.open("w") as out:
         proc = subprocess.Popen(["dvc", "repro"], cwd=ws, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
