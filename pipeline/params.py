@@ -20,9 +20,9 @@ from pydantic import Field, ValidationError, field_validator
 from pipeline.config.base import (
     ConfigError,
     Strict,
-    _message,
-    _problem,
+    error_message,
     format_validation_error,
+    problem_line,
     read_yaml,
 )
 from pipeline.config.deploy import (
@@ -120,10 +120,10 @@ def _check_resolved_recipes(params: Params, source: str) -> None:
             for e in err.errors():
                 loc = tuple(e["loc"])
                 key = _OVERRIDE_KEYS.get(loc[:2]) or _OVERRIDE_KEYS.get(loc[:1])
-                problems.append(_problem(f"{where}.{key}" if key else where, e,
+                problems.append(problem_line(f"{where}.{key}" if key else where, e,
                                          "; checked on the shared train: recipe with these overrides"))
     if problems:
-        raise ConfigError(_message(source, problems))
+        raise ConfigError(error_message(source, problems))
 
 
 def parse_params(data: Any, source: str = "params") -> Params:

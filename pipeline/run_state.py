@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.engine.atomic import atomic_write_json
+from pipeline.engine.atomic import atomic_write_json, file_digest
 
 STATE_ROOT = Path(".kdpipe") / "state"
 #: Marker of a finished run's state folder: the out folders (relative to the workspace) it wrote.
@@ -41,14 +41,6 @@ def mark_finished(state_dir: Path, outs: list[Path], root: Path) -> None:
     atomic_write_json(state_dir / FINISHED, {"outs": sorted(p.relative_to(root).as_posix() for p in outs)})
 
 
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()  # noqa: S324 - DVC's content hash, not a security measure
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dvc_dir_hash(folder: Path) -> str:
     """The hash ``dvc.lock`` records for an out folder (``<md5>.dir``), computed as DVC 3 computes it.
 
@@ -56,7 +48,7 @@ def dvc_dir_hash(folder: Path) -> str:
     sorted by path); files ``.dvcignore`` hides (temp siblings of atomic writes) are left
     out. ``tests/test_run_state.py`` checks this against real DVC runs.
     """
-    listing = [{"md5": _file_md5(f), "relpath": f.relative_to(folder).as_posix()}
+    listing = [{"md5": file_digest(f, "md5"), "relpath": f.relative_to(folder).as_posix()}
                for f in sorted(folder.rglob("*"))
                if f.is_file() and not any(part.startswith(".") and _TEMP_MARK in part for part in f.relative_to(folder).parts)]
     listing.sort(key=lambda e: e["relpath"])

@@ -48,13 +48,14 @@ def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[s
         return list(node.model_fields)
     return None
 
-def _problem(key: str, e: dict[str, Any], suffix: str = "") -> str:
+def problem_line(key: str, e: dict[str, Any], suffix: str = "") -> str:
+    """One indented line for one pydantic error: the key, what is wrong and the value given."""
     msg = e["msg"].removeprefix("Value error, ")
     value = e.get("input")
     shown = "" if isinstance(value, dict) or f"got {value}" in msg else f" (got {value!r})"
     return f"  {key}: {msg}{shown}{suffix}"
 
-def _message(source: str, problems: list[str]) -> str:
+def error_message(source: str, problems: list[str]) -> str:
     """One line for a single problem, else a heading and one indented line per problem."""
     if len(problems) == 1:
         return f"invalid params in {source}: {problems[0].strip()}"
@@ -72,8 +73,8 @@ def format_validation_error(err: ValidationError, source: str, schema: type[Base
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
             problems.append(f"  {key}: unknown key{hint}")
             continue
-        problems.append(_problem(key, e))
-    return _message(source, problems)
+        problems.append(problem_line(key, e))
+    return error_message(source, problems)
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -43,7 +43,7 @@ def register_method(name: str, params: type[BaseModel], offline: bool = True) ->
     def deco(cls: type[Distiller]) -> type[Distiller]:
         if name in METHOD_REGISTRY and METHOD_REGISTRY[name].cls is not cls:
             raise ValueError(f"method {name!r} registered twice")
-        package = "pipeline.distill.offline" if offline else "pipeline.distill.online"
+        package = next(p for p, kind in METHOD_PACKAGES.items() if kind == offline)
         if cls.__module__ != f"{package}.{name}":
             raise ValueError(f"method {name!r} must live in {package}.{name} (one file per method, named after it; "
                              f"dvc.yaml's stages depend on that file), not in {cls.__module__}")

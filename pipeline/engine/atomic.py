@@ -106,18 +106,25 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks: the pipeline's one file hash.
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks: the pipeline's one file hash.
 
-    ``pipeline/deploy/edge/edge_runtime.py`` keeps a copy of it, because that file runs on
-    the device without kdpipe; both give the standard SHA-256, so the hashes a bundle's
-    manifest records here are the ones the device checks.
+    SHA-256 records and checks artifacts; ``md5`` is what DVC files its objects under
+    (:mod:`pipeline.run_state` compares with it). ``pipeline/deploy/edge/edge_runtime.py``
+    keeps a copy of the SHA-256 case, because that file runs on the device without kdpipe;
+    both give the standard SHA-256, so the hashes a bundle's manifest records here are the
+    ones the device checks.
     """
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (:func:`file_digest`)."""
+    return file_digest(path, "sha256")
 
 
 def sha256_json(obj: Any) -> str:
