@@ -1,7 +1,7 @@
 """DVC stage `bundle`: one edge bundle folder (+ .tar.gz) per deployable model."""
 
 from pipeline.deploy.bundle import bundle_all
-from stages._deploy import run_deploy_stage
+from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_deploy_stage("bundle", bundle_all)
+    run_stage("bundle", bundle_all)

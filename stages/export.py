@@ -1,7 +1,7 @@
 """DVC stage `export`: every trained model to ONNX (dynamo exporter), parity-checked on the test split."""
 
 from pipeline.deploy.export import export_all
-from stages._deploy import run_deploy_stage
+from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_deploy_stage("export", export_all)
+    run_stage("export", export_all)

@@ -1,7 +1,7 @@
 """DVC stage `report`: results table (JSON, markdown), Pareto plot and the best model per latency budget."""
 
 from pipeline.report.results import report_all
-from stages._deploy import run_deploy_stage
+from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_deploy_stage("report", report_all)
+    run_stage("report", report_all)

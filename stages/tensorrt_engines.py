@@ -1,7 +1,7 @@
 """DVC stage `tensorrt`: TensorRT engines where tensorrt and a GPU exist; a "skipped" record with the reason elsewhere."""
 
 from pipeline.deploy.tensorrt_build import build_all
-from stages._deploy import run_deploy_stage
+from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_deploy_stage("tensorrt", build_all)
+    run_stage("tensorrt", build_all)

@@ -28,7 +28,6 @@ from pipeline.models import build
 from pipeline.params import parse_params
 from pipeline.runs import RunId, evaluate, train
 from stages._common import run_stage
-from stages._deploy import run_deploy_stage
 from tests.conftest import tiny_params, write_params
 from tests.test_data import write_folder
 
@@ -38,12 +37,12 @@ def files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def fails_cleanly(ws: Path, name: str, body: Callable, monkeypatch, capsys, deploy: bool = False) -> str:
+def fails_cleanly(ws: Path, name: str, body: Callable, monkeypatch, capsys) -> str:
     """Run a stage body in ``ws`` as its stage module does; it must exit 2 with one line and touch nothing."""
     monkeypatch.chdir(ws)
     before = files(ws)
     with pytest.raises(SystemExit) as exc:
-        (run_deploy_stage if deploy else run_stage)(name, body)
+        run_stage(name, body)  # deployment errors are user errors too (pipeline.errors.UserError)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -132,12 +131,12 @@ def test_a_broken_teacher_checkpoint_names_the_file_in_every_stage_that_loads_it
     model.parent.mkdir(parents=True)
     make(model)
     stages = [
-        ("evaluate", lambda p: evaluate(p, RunId("teacher")), False),
-        ("distill", lambda p: train(p, RunId("distill", "tinynet_s", "kd")), False),
-        ("export", export_all, True),
+        ("evaluate", lambda p: evaluate(p, RunId("teacher"))),
+        ("distill", lambda p: train(p, RunId("distill", "tinynet_s", "kd"))),
+        ("export", export_all),
     ]
-    for name, body, deploy in stages:
-        line = fails_cleanly(ws, name, body, monkeypatch, capsys, deploy=deploy)
+    for name, body in stages:
+        line = fails_cleanly(ws, name, body, monkeypatch, capsys)
         assert "runs/teacher/model.pt" in line and needle in line, line
     assert not (ws / ".kdpipe").exists()  # no resume state started either
 
@@ -170,7 +169,7 @@ def test_a_file_that_is_not_onnx_names_the_file_in_the_deploy_stages(tmp_path, m
     ws = workspace(tmp_path / "ws", raw)
     bad = fake_exports(ws, parse_params(raw))
     body = {"quantize": quantize_all, "bundle": bundle_all, "benchmark": benchmark_all}[stage]
-    line = fails_cleanly(ws, stage, body, monkeypatch, capsys, deploy=True)
+    line = fails_cleanly(ws, stage, body, monkeypatch, capsys)
     assert str(bad) in line and ("not an ONNX model" in line or "not a usable ONNX model" in line), line
 
 
@@ -184,7 +183,7 @@ def test_an_onnx_file_without_kdpipe_metadata_is_named(tmp_path, monkeypatch, ca
                                    [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
                                    [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 8, 8])])
     onnx.save_model(onnx.helper.make_model(graph), str(ws / bad))
-    line = fails_cleanly(ws, "bundle", bundle_all, monkeypatch, capsys, deploy=True)
+    line = fails_cleanly(ws, "bundle", bundle_all, monkeypatch, capsys)
     assert str(bad) in line and "no kdpipe metadata" in line, line
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.engine.atomic import sha256_json
+from pipeline.errors import UserError
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -45,7 +46,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-class DeployError(RuntimeError):
+class DeployError(UserError, RuntimeError):
     """A deployment step that cannot go on; the message names the model, the file and the reason."""
 
 
