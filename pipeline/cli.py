@@ -79,7 +79,8 @@ def _run_flow(fn, **kwargs) -> int:  # noqa: ANN001
     """Call a flow; user errors become one message and exit 2, failures of a run exit 1."""
     from pipeline.config.base import ConfigError
     from pipeline.dvc_locks import LockBusyError, StaleLockError
-    from pipeline.workspace import StageFailedError, WorkspaceBusyError
+    from pipeline.orchestrate.command import StageFailedError
+    from pipeline.orchestrate.lock import WorkspaceBusyError
 
     try:
         result = fn(**kwargs)
@@ -93,22 +94,30 @@ def _run_flow(fn, **kwargs) -> int:  # noqa: ANN001
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config.base import ConfigError
-    from pipeline.workspace import merged_params, parse_assignments
+    from pipeline.orchestrate.params import merged_params, parse_assignments
+    from pipeline.orchestrate.runners import dask_available, parse_dask
+    from pipeline.orchestrate.slots import parse_jobs
 
-    try:
+    try:  # everything the user typed is checked before Prefect starts
         overrides = parse_assignments(args.set)
-        merged_params(Path(args.workspace) / "params.yaml", overrides)  # fail before starting Prefect
+        merged_params(Path(args.workspace) / "params.yaml", overrides)
+        jobs = parse_jobs(args.jobs) if args.jobs is not None else None
+        if args.dask:
+            parse_dask(args.dask)
+            if not dask_available():
+                raise ValueError("--dask needs prefect-dask and distributed: pip install -e '.[dask]'")
     except (ValueError, ConfigError) as err:
         return _fail(err, 2)
     from pipeline.flows import pipeline_flow
 
     return _run_flow(pipeline_flow, params=overrides or None, targets=args.target or None, workspace=args.workspace,
-                     experiment=args.name, record=not args.no_record, force=args.force)
+                     experiment=args.name, record=not args.no_record, force=args.force, jobs=jobs, dask=args.dask)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.config.base import ConfigError
-    from pipeline.workspace import merged_params, parse_assignments, sweep_plan
+    from pipeline.orchestrate.experiments import sweep_plan
+    from pipeline.orchestrate.params import merged_params, parse_assignments
 
     try:
         grid = {k: v if isinstance(v, list) else [v] for k, v in parse_assignments(args.grid).items()}
@@ -164,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--root", default=".")
     r.add_argument("--sweep", help="show the aggregated table of this sweep (reports/sweeps/NAME.md)")
     r.set_defaults(fn=_cmd_results)
-    run = sub.add_parser("run", help="run the pipeline as a Prefect flow (one task per DVC stage), recorded as a "
-                                     "DVC experiment")
+    run = sub.add_parser("run", help="run the pipeline as a concurrent Prefect flow (one task per DVC stage), "
+                                     "recorded as a DVC experiment")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a params key for this run (repeatable), e.g. distill.kd.temperature=2")
     run.add_argument("--target", action="append", default=[], metavar="STAGE",
@@ -173,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--name", help="experiment name (default: the flow run's name)")
     run.add_argument("--no-record", action="store_true", help="do not save the run as a DVC experiment")
     run.add_argument("--force", action="store_true", help="re-run stages even if DVC finds them up to date")
+    run.add_argument("-j", "--jobs", metavar="N|auto",
+                     help="stages run at once, each in its own slot (a GPU, or CPU threads): a number or 'auto' "
+                          "(one per GPU; on CPU one per cpu_threads cores); default 1, or every Dask worker")
+    run.add_argument("--dask", metavar="ADDRESS|local:N",
+                     help="run the stage commands on a Dask cluster (workers must share the workspace path), or "
+                          "local:N for a LocalCluster of N worker processes; DVC records on this machine")
     run.add_argument("--workspace", default=".")
     run.set_defaults(fn=_cmd_run)
     sw = sub.add_parser("sweep", help="queue params x seeds as DVC experiments, run them, aggregate over seeds")

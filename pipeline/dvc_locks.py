@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from pipeline.engine.atomic import atomic_write_text
+from pipeline.orchestrate.lock import LOCK_DIR, LOCK_FILE, flow_pid
 
 
 class StaleLockError(RuntimeError):
@@ -141,15 +142,14 @@ def _holder_state(pid: int, cmd: str, written: float) -> tuple[bool, bool]:
 
 def _flow_lock_holder(root: Path) -> int | None:
     """PID of the kdpipe flow holding this workspace (``.kdpipe/flow.lock``), if one does."""
-    lock = root / ".kdpipe" / "flow.lock"
+    lock = root / LOCK_DIR / LOCK_FILE
     if not lock.exists():
         return None
     fd = os.open(lock, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        text = lock.read_text(errors="replace").strip()
-        pid = int(text) if text.isdigit() else -1
+        pid = flow_pid(root) or -1
         return None if pid == os.getpid() else pid  # the flow asking holds it itself
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -59,6 +59,10 @@ class Params(Strict):
     """The whole params.yaml."""
 
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    #: Intra-op CPU threads of every stage. Part of the result on CPU (kernels sum in a thread-count-dependent
+    #: order), so fixed here, not by how many stages run at once; null: a share of the cores (outs then depend
+    #: on ``kdpipe run --jobs``).
+    cpu_threads: int | None = Field(1, ge=1, le=4096)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)

@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.params import Params, load_params
 from pipeline.run_state import prune_recorded
+from pipeline.threads import apply_cpu_threads
 
 #: Stages that train, and so run on every rank under torchrun (the others run on rank 0 alone).
 TRAINING_STAGES = frozenset({"train_teacher", "train_student", "distill", "online"})
@@ -66,6 +67,7 @@ def run_stage(name: str, body: Callable[[Params], object], params_path: str = "p
         from pipeline.engine import distributed as dist
     try:
         params = load_params(Path(params_path))  # a bad config stops here, before any launch
+        apply_cpu_threads(params.cpu_threads)
         cmd = relaunch_command(name)
         if cmd is not None:  # this process becomes torchrun: signals, output and exit code are its own
             print(f"{name}: {TORCHRUN_ENV} is set, running: {shlex.join(cmd)}", file=sys.stderr, flush=True)

@@ -27,6 +27,8 @@ def tiny_params(**sections: dict) -> dict:
         "distill": {"methods": ["kd"]},
         "online": {"methods": []},
         "evaluate": {"batch_size": 128},
+        # every profile and variant, measured briefly: the timings of these runs are never asserted
+        "benchmark": {"warmup": 1, "iterations": 5, "max_seconds": 0.05, "torch_reference": False},
     }
     for k, v in sections.items():
         if isinstance(v, dict) and isinstance(p.get(k), dict):
@@ -58,6 +60,11 @@ def make_workspace(dest: Path, params: dict) -> Path:
     for item in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy2(REPO / item, dest / item)
     write_params(dest / "params.yaml", params)
+    return init_repo(dest)
+
+
+def init_repo(dest: Path, message: str = "workspace") -> Path:
+    """Make ``dest`` (its files already there) a git + DVC repository with one commit holding them."""
     run = lambda *cmd: subprocess.run(cmd, cwd=dest, check=True, capture_output=True, text=True)  # noqa: E731
     run("git", "init", "-q")
     run("git", "config", "user.email", "ci@example.invalid")
@@ -65,7 +72,7 @@ def make_workspace(dest: Path, params: dict) -> Path:
     run("dvc", "init", "-q")
     run("dvc", "config", "core.analytics", "false")
     run("git", "add", "-A")
-    run("git", "commit", "-q", "-m", "workspace")
+    run("git", "commit", "-q", "-m", message)
     return dest
 
 

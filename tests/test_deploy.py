@@ -52,6 +52,7 @@ def deploy_params(**over: dict) -> dict:
         online={"methods": []},
         quantize={"calibration_samples": 64},
         benchmark={"warmup": 2, "iterations": 10, "max_seconds": 0.2, "variants": ["fp32", "int8"],
+                   "torch_reference": True,
                    "profiles": [{"name": "tiny-1core", "threads": 1, "batch_sizes": [1, 4], "latency_budget_ms": 50.0}]},
         **over,
     )

@@ -159,10 +159,10 @@ def test_a_stale_hardlink_lock_is_detected_and_cleared(repo: Path):
 
 
 def test_the_flow_in_progress_counts_as_busy_for_others(repo: Path):
-    from pipeline.workspace import workspace_lock
+    from pipeline.orchestrate.lock import workspace_lock
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from pipeline.workspace import workspace_lock\n"
+                               "from pipeline.orchestrate.lock import workspace_lock\n"
                                "with workspace_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n"
                                "    time.sleep(30)", str(repo)], stdout=subprocess.PIPE, text=True)
     try:

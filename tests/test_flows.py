@@ -21,7 +21,7 @@ import yaml
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdpipe-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from tests.conftest import tiny_params, write_params  # noqa: E402
+from tests.conftest import init_repo, tiny_params, write_params  # noqa: E402
 from tests.prefect_api import artifacts, flow_run_logs, task_runs  # noqa: E402
 
 FLAKY = """\
@@ -60,10 +60,6 @@ DVC_YAML = {
 }
 
 
-def git(ws: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True)
-
-
 @pytest.fixture
 def toy(tmp_path: Path) -> Path:
     ws = tmp_path / "toy"
@@ -75,18 +71,11 @@ def toy(tmp_path: Path) -> Path:
     text = (ws / "params.yaml").read_text()
     (ws / "params.yaml").write_text("# the toy workspace's params (this comment must survive overrides)\n" + text)
     (ws / ".gitignore").write_text("/out/\n/attempts\n/bad_attempts\n/.kdpipe/\n")
-    git(ws, "init", "-q")
-    git(ws, "config", "user.email", "ci@example.invalid")
-    git(ws, "config", "user.name", "ci")
-    subprocess.run(["dvc", "init", "-q"], cwd=ws, check=True)
-    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=ws, check=True)
-    git(ws, "add", "-A")
-    git(ws, "commit", "-qm", "toy")
-    return ws
+    return init_repo(ws, "toy")
 
 
 def test_stage_order_follows_dependencies(toy: Path):
-    from pipeline.workspace import stage_order
+    from pipeline.orchestrate.dag import stage_order
 
     order = stage_order(toy)
     assert order.index("first") < order.index("second") < order.index("flaky")
@@ -97,7 +86,7 @@ def test_stage_order_follows_dependencies(toy: Path):
 
 def test_flow_retries_a_killed_stage_records_an_experiment_and_restores_params(toy: Path):
     from pipeline.flows import pipeline_flow
-    from pipeline.workspace import experiment_table
+    from pipeline.orchestrate.experiments import experiment_table
 
     before = (toy / "params.yaml").read_text()
     state = pipeline_flow(params={"distill.kd.temperature": 2.5}, targets=["flaky"], workspace=str(toy),
@@ -115,7 +104,7 @@ def test_flow_retries_a_killed_stage_records_an_experiment_and_restores_params(t
     logs = flow_run_logs(run_id)
     assert any("flaky attempt 1" in m for m in logs), "stage output must reach the run's log"
     assert any("flaky attempt 2" in m for m in logs)
-    flaky = [t for t in task_runs(run_id) if t["name"].startswith("stage flaky")]
+    flaky = [t for t in task_runs(run_id) if t["name"] == "flaky"]  # task runs are named after their stages
     assert flaky and flaky[0]["run_count"] == 2 and flaky[0]["state"]["type"] == "COMPLETED"
 
     # nothing changed: every stage is skipped by DVC, no experiment is needed to tell
@@ -126,14 +115,14 @@ def test_flow_retries_a_killed_stage_records_an_experiment_and_restores_params(t
 
 
 def test_failed_stage_with_bad_input_is_not_retried_and_its_message_is_logged(toy: Path):
-    from pipeline.flows import pipeline_flow
-    from pipeline.workspace import StageFailedError
+    from pipeline.flows import StagesFailedError, pipeline_flow
 
     state = pipeline_flow(targets=["bad"], workspace=str(toy), return_state=True)
     assert state.is_failed()
-    with pytest.raises(StageFailedError) as info:
+    with pytest.raises(StagesFailedError) as info:
         state.result()
-    assert info.value.status == 2 and not info.value.transient
+    bad = info.value.failures["bad"]
+    assert bad.status == 2 and not bad.transient
     assert "label_noise" in str(info.value)
     assert (toy / "bad_attempts").read_text() == "1"  # deterministic failure: no retry
     logs = flow_run_logs(state.state_details.flow_run_id)
@@ -199,7 +188,7 @@ def test_cli_run_reports_bad_params_in_one_line(toy: Path):
 
 def test_apply_params_keeps_comments_and_validates_first(toy: Path):
     from pipeline.config.base import ConfigError
-    from pipeline.workspace import apply_params, parse_assignments
+    from pipeline.orchestrate.params import apply_params, parse_assignments
 
     f = toy / "params.yaml"
     before = apply_params(f, parse_assignments(["distill.kd.temperature=3", "students.resnet8={}"]))
@@ -228,7 +217,7 @@ def test_sweep_queues_params_x_seeds_as_experiments_and_aggregates(tmp_path: Pat
     for r in rows.values():
         assert r["seeds"] == 2 and 0 <= r["top1_mean"] <= 100 and r["top1_std"] >= 0
     # the spread is the sample std of the two seeds' results, read back from each experiment's metrics
-    from pipeline.workspace import experiment_table
+    from pipeline.orchestrate.experiments import experiment_table
 
     exps = {e["name"]: e for e in experiment_table(ws)}
     one = [exps[f"ep-c0-s{s}"]["metrics"]["metrics/teacher.json"]["top1"] for s in (0, 1)]
@@ -240,7 +229,7 @@ def test_sweep_queues_params_x_seeds_as_experiments_and_aggregates(tmp_path: Pat
 
 
 def test_sweep_plan_crosses_grid_and_seeds_and_refuses_seed_in_the_grid():
-    from pipeline.workspace import sweep_plan
+    from pipeline.orchestrate.experiments import sweep_plan
 
     plan = sweep_plan("s", {"a": [1, 2], "b": ["x"]}, [0, 3])
     assert [(e.name, e.overrides, e.seed) for e in plan] == [

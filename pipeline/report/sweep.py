@@ -29,8 +29,8 @@ def _config_label(overrides: dict[str, Any]) -> str:
 def aggregate(experiments: Iterable[dict[str, Any]], plan: Iterable[Any]) -> list[dict[str, Any]]:
     """One row per (configuration, model): seeds found, and mean / sample std of each metric.
 
-    ``experiments``: rows of :func:`pipeline.workspace.experiment_table`; ``plan``: the
-    sweep's :class:`~pipeline.workspace.QueuedExperiment` list (names, overrides, seeds).
+    ``experiments``: rows of :func:`pipeline.orchestrate.experiments.experiment_table`; ``plan``: the
+    sweep's :class:`~pipeline.orchestrate.experiments.QueuedExperiment` list (names, overrides, seeds).
     """
     by_name = {e["name"]: e for e in experiments}
     groups: dict[str, dict[str, dict[str, list[float]]]] = {}
