@@ -117,7 +117,10 @@ def test_exp_run_with_a_changed_method_param_reruns_only_that_method(workspace: 
     subprocess.run(["git", "add", "-A"], cwd=workspace, check=True)
     subprocess.run(["git", "commit", "-qm", "baseline results"], cwd=workspace, check=True)
     # every evaluation, so every training stage, is a target; the all-model deploy stages after them are not
-    out = dvc(workspace, "exp", "run", "-S", "distill.kd.temperature=2.0", "--glob", "evaluate_*")
+    evaluations = ["evaluate_teacher", *(f"evaluate_baseline@{s}" for s in ("tinynet_s", "resnet8")),
+                   *(f"evaluate_{kind}@{s}-{m}" for kind, m in (("distill", "kd"), ("online", "dml"))
+                     for s in ("tinynet_s", "resnet8"))]
+    out = dvc(workspace, "exp", "run", "-S", "distill.kd.temperature=2.0", *evaluations)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == ["distill@resnet8-kd", "distill@tinynet_s-kd",
                    "evaluate_distill@resnet8-kd", "evaluate_distill@tinynet_s-kd"]
