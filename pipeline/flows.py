@@ -141,6 +141,7 @@ def _run_dag(root: Path, graph: StageGraph, todo: set[str], plan: slots.SlotPlan
     seconds: dict[str, float] = {}
     failures: dict[str, BaseException] = {}
     blocked: list[str] = []
+    resubmits: dict[str, int] = {}
     priority = schedule.critical_path(graph, schedule.load_seconds(root))
     total = len(todo)
 
@@ -204,8 +205,14 @@ def _run_dag(root: Path, graph: StageGraph, todo: set[str], plan: slots.SlotPlan
             except Exception as err:  # noqa: BLE001
                 state[s], failures[s] = "failed", err
                 log.error("%s: %s", s, err)
+        elif not fut.state.is_final() and resubmits.get(s, 0) < RETRIES:
+            # a Dask worker died under the task and the attempt on another worker found the task run taken:
+            # Prefect hands back an unfinished state; the stage runs again as a new task run
+            resubmits[s] = resubmits.get(s, 0) + 1
+            state[s] = "pending"
+            log.warning("%s: its task ended %s (its worker died?); running it again", s, fut.state.type.value)
         else:
-            err = fut.state.result(raise_on_failure=False)
+            err = fut.state.result(raise_on_failure=False) if fut.state.is_final() else None
             state[s] = "failed"
             failures[s] = err if isinstance(err, BaseException) else RuntimeError(f"stage {s}: {fut.state.message}")
             log.error("%s: failed after %.1f s: %s", s, seconds[s], getattr(err, "why", err))

@@ -170,7 +170,7 @@ def test_on_a_dask_local_cluster_stages_run_in_two_workers_and_a_killed_worker_r
     assert state.is_completed(), state
     result = state.result()
     assert result["jobs"] == 2 and set(result["stages"].values()) == {"ran"}
-    assert (ws / "count" / "join").read_text() == "2"  # its worker was killed on the first run: it ran again
+    assert int((ws / "count" / "join").read_text()) >= 2  # its worker was killed on the first run: it ran again
     assert (ws / "out" / "join.txt").read_text() == "join"
     assert dvc_status(ws) == {}
     logs = flow_run_logs(state.state_details.flow_run_id)
