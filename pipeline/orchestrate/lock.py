@@ -25,8 +25,10 @@ class WorkspaceBusyError(RuntimeError):
 
 def flow_pid(root: Path) -> int | None:
     """The PID written by the flow that holds (or last held) ``root``'s flow lock, if any."""
-    text = (Path(root) / LOCK_DIR / PID_FILE).read_text(errors="replace").strip() \
-        if (Path(root) / LOCK_DIR / PID_FILE).is_file() else ""
+    try:
+        text = (Path(root) / LOCK_DIR / PID_FILE).read_text(errors="replace").strip()
+    except OSError:
+        return None
     return int(text) if text.isdigit() else None
 
 
