@@ -17,7 +17,10 @@ from pipeline.dvc_locks import LockBusyError, StaleLockError, clear_stale, ensur
 
 pytestmark = pytest.mark.slow  # real DVC processes and DVC's lock time-outs (~45 s)
 
-SLOW_STAGE = {"stages": {"slow": {"cmd": "python -c \"import time, pathlib; time.sleep(6); "
+#: A stage that, when $HOLD names a file, runs until that file is removed: tests act while it runs, however
+#: slow the machine, and let it end (or kill it) when they are done. Without $HOLD it ends at once.
+SLOW_STAGE = {"stages": {"slow": {"cmd": "python -c \"import os, time, pathlib; hold = os.environ.get('HOLD'); "
+                                         "[time.sleep(0.05) for _ in iter(lambda: bool(hold) and os.path.exists(hold), False)]; "
                                          "pathlib.Path('o.txt').write_text('x')\"", "outs": ["o.txt"]}}}
 
 
@@ -33,8 +36,11 @@ def repo(tmp_path: Path) -> Path:
 
 
 def start_repro(ws: Path) -> subprocess.Popen:
+    """`dvc repro` with its stage running, held until ``hold_file(ws)`` is removed."""
+    hold = hold_file(ws)
+    hold.write_text("")
     proc = subprocess.Popen(["dvc", "repro"], cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "HOLD": str(hold)})
     # wait for the stage's own process: DVC then holds its rwlock entry and leaves the file alone
     # until the stage ends (it rewrites the file in place while taking and dropping locks)
     # (no deadline of our own: a hang is pytest-timeout's to stop, however slow the machine)
@@ -45,9 +51,13 @@ def start_repro(ws: Path) -> subprocess.Popen:
     return proc
 
 
+def hold_file(ws: Path) -> Path:
+    return ws.parent / "hold"  # outside the repository: no part of what DVC sees
+
+
 def _stage_running(pid: int) -> bool:
     try:
-        return any("time.sleep(6)" in " ".join(c.cmdline()) for c in psutil.Process(pid).children(recursive=True))
+        return any("hold = os.environ" in " ".join(c.cmdline()) for c in psutil.Process(pid).children(recursive=True))
     except psutil.Error:
         return False
 
@@ -73,7 +83,8 @@ def test_a_live_dvc_process_is_reported_and_its_lock_never_removed(repo: Path):
         assert out.returncode == 1 and "nothing removed" in out.stderr
         assert rw.read_bytes() == before
     finally:
-        assert proc.wait(timeout=60) == 0  # the live run was not disturbed
+        hold_file(repo).unlink()
+        assert proc.wait(timeout=120) == 0  # the live run was not disturbed
     assert (repo / "o.txt").read_text() == "x"
 
 
@@ -164,7 +175,7 @@ def test_the_flow_in_progress_counts_as_busy_for_others(repo: Path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
                                "from pipeline.orchestrate.lock import workspace_lock\n"
                                "with workspace_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n"
-                               "    time.sleep(30)", str(repo)], stdout=subprocess.PIPE, text=True)
+                               "    time.sleep(600)", str(repo)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         report = inspect_locks(repo)
@@ -185,22 +196,31 @@ def test_dvc_daemons_do_not_count_and_a_just_ended_command_is_waited_for(repo: P
     # copy of the command lives on for a moment), a command that ends within the settle time, a long one
     fake = tmp_path / "site" / "dvc" / "__main__.py"
     fake.parent.mkdir(parents=True)
-    fake.write_text("import sys, time\ntime.sleep(float(sys.argv[-1]))\n")
-    start = [sys.executable, str(fake)]
-    daemon = subprocess.Popen([*start, "daemon", "analytics", "30"], cwd=repo)
-    ending = subprocess.Popen([*start, "status", "1.5"], cwd=repo)
+    # each says it started, then runs until its hold file (the last argument) is removed
+    fake.write_text("import os, sys, time\nprint('started', flush=True)\n"
+                    "while os.path.exists(sys.argv[-1]):\n    time.sleep(0.05)\n")
+
+    def start(*args: str) -> subprocess.Popen:
+        hold = tmp_path / f"hold-{args[0]}"
+        hold.write_text("")
+        proc = subprocess.Popen([sys.executable, str(fake), *args, str(hold)], cwd=repo, stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "started"
+        return proc
+
+    daemon = start("daemon", "analytics")
+    ending = start("status")
     try:
-        time.sleep(0.5)
         from pipeline.dvc_locks import live_dvc_processes
 
         assert live_dvc_processes(repo) == [ending.pid]
         rw = repo / ".dvc" / "tmp" / "rwlock"
         rw.write_text("")
-        assert clear_stale(repo, settle_s=10) == [f"unreadable {rw}"]  # waited for `status` to end
+        (tmp_path / "hold-status").unlink()  # `status` ends now, on its own; clear_stale waits for it
+        assert clear_stale(repo, settle_s=120) == [f"unreadable {rw}"]  # (120 s: an upper bound, not a wait)
         assert ending.poll() == 0 and daemon.poll() is None
-        long = subprocess.Popen([*start, "repro", "30"], cwd=repo)
+        long = start("repro")
         try:
-            time.sleep(0.5)
             rw.write_text("")
             with pytest.raises(LockBusyError, match=str(long.pid)):
                 clear_stale(repo, settle_s=1)

@@ -7,14 +7,12 @@ command, the folder and the environment; recording with DVC stays on the flow's 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
-#: prctl(2) option: a signal the kernel sends the child when the thread that started it dies.
-_PR_SET_PDEATHSIG = 1
+from pipeline.orchestrate import guard
 
 
 class StageFailedError(RuntimeError):
@@ -35,24 +33,19 @@ class StageFailedError(RuntimeError):
         return (type(self), (self.stage, self.why, self.status, self.transient, self.tail))
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the flow (or the Dask worker) that started it dies.
-
-    Without it a killed flow leaves its stage processes running, writing outs that the
-    next run would also write.
-    """
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the child outlives a killed parent, as under DVC
-        pass
-
-
 def _shell_argv(cmd: str) -> list[str]:
-    """The command as DVC runs it: the user's shell without profile or rc files."""
+    """The command as DVC runs it (the user's shell without profile or rc files), under a guard.
+
+    The guard (:mod:`pipeline.orchestrate.guard`) kills the stage's whole process tree when
+    the flow or the Dask worker that started it dies; without it a killed flow leaves
+    stage processes running, writing outs that the next run also writes. Not on Linux:
+    no guard, and the stage outlives a killed flow, as under DVC.
+    """
     shell = os.environ.get("SHELL") or "/bin/sh"
     name = os.path.basename(shell)
     flags = {"bash": ["--noprofile", "--norc"], "zsh": ["--no-rcs"]}.get(name, [])
-    return [shell, *flags, "-c", cmd]
+    argv = [shell, *flags, "-c", cmd]
+    return guard.argv(argv) if guard.supported() else argv
 
 
 def describe_exit(status: int) -> tuple[str, bool]:
@@ -74,7 +67,7 @@ def run_stage_command(stage: str, commands: Sequence[str], cwd: str, env: Mappin
     tail: list[str] = []
     for cmd in commands:
         proc = subprocess.Popen(_shell_argv(cmd), cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, close_fds=True)  # noqa: PLW1509
+                                stderr=subprocess.STDOUT, close_fds=True)
         assert proc.stdout is not None
         with proc.stdout:
             for raw in proc.stdout:
