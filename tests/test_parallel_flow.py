@@ -27,7 +27,7 @@ from tests.prefect_api import flow_run_logs, task_runs  # noqa: E402
 #: A stage: marks itself running (``running/NAME``) while it works, waits for the stages named in
 #: ``--beside`` to have started, refuses to run next to ``--alone-with`` stages, writes out/NAME.txt.
 STAGE = """\
-import argparse, os, pathlib, signal, sys, time
+import argparse, os, pathlib, sys, time
 ap = argparse.ArgumentParser()
 ap.add_argument("name")
 ap.add_argument("--beside", nargs="*", default=[])
@@ -43,8 +43,10 @@ count.parent.mkdir(exist_ok=True)
 count.write_text(str(int(count.read_text()) + 1 if count.exists() else 1))
 print(f"{a.name}: run {count.read_text()}", flush=True)
 if a.kill_worker_once and count.read_text() == "1":
-    print(f"{a.name}: killing the process that runs me (PID {os.getppid()})", flush=True)
-    os.kill(os.getppid(), signal.SIGKILL)
+    import psutil  # the Dask worker: the nearest process above this one that multiprocessing started
+    worker = next(p for p in psutil.Process().parents() if "multiprocessing" in " ".join(p.cmdline()))
+    print(f"{a.name}: killing the Dask worker that runs me (PID {worker.pid})", flush=True)
+    worker.kill()
     time.sleep(60)
 def alone():
     others = [p.name for p in run.iterdir() if p.name in a.alone_with]

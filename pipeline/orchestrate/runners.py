@@ -1,7 +1,9 @@
 """Where a flow's stage commands run: threads of this process, or a Dask cluster through prefect-dask.
 
 ``--dask ADDRESS`` connects to a running scheduler (``tcp://host:8786``); its workers
-must see the workspace at the same path (e.g. NFS) and have kdpipe installed.
+must see the workspace at the same path (e.g. NFS), have kdpipe installed, and have
+``PREFECT_API_URL`` set to the Prefect server the flow reports to (a temporary server on
+the flow's 127.0.0.1 is out of their reach).
 ``--dask local:N`` starts a ``distributed.LocalCluster`` of N single-threaded worker
 processes on 127.0.0.1 for the flow's duration.
 """
@@ -66,4 +68,18 @@ def task_runner(jobs: int, dask: DaskTarget | None) -> Any:
         return DaskTaskRunner(address=dask.address)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": dask.workers, "threads_per_worker": 1, "processes": True,
-                                          "host": "127.0.0.1", "dashboard_address": None})
+                                          "host": "127.0.0.1", "dashboard_address": None, "env": worker_env()})
+
+
+def worker_env() -> dict[str, str]:
+    """What a local cluster's worker processes need to report to this flow's Prefect API.
+
+    Without an API URL of its own each worker process starts a temporary Prefect server:
+    its task runs, states and logs land there, not in the flow's, and a worker that is
+    killed leaves that server running, an orphan.
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url).rstrip("/")
+    return {"PREFECT_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
