@@ -1,7 +1,7 @@
 """``kdpipe``: the command line around the pipeline.
 
-Run the pipeline as a Prefect flow (``run``), sweep params and seeds as DVC experiments
-(``sweep``), serve the flows as deployments (``serve``), show results, list models and
+Run the pipeline as a Prefect flow (``run``), sweep params and seeds or compare methods as
+DVC experiments, each in its own clone (``sweep``, ``compare``), serve the flows as deployments (``serve``), show results, list models and
 methods, validate params, and inspect or clear stale DVC locks.
 """
 
@@ -114,26 +114,73 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      experiment=args.name, record=not args.no_record, force=args.force, jobs=jobs, dask=args.dask)
 
 
+def _sweep_checks(args: argparse.Namespace, plan: list) -> None:
+    """Refuse, before Prefect starts, what no experiment of the sweep could run with (ValueError)."""
+    from pipeline.orchestrate.isolated import base_commit
+    from pipeline.orchestrate.runners import dask_available, parse_dask
+    from pipeline.sweeps import check_plan
+
+    root = Path(args.workspace)
+    refused = check_plan(root, plan)
+    if plan and len(refused) == len(plan):  # all refused: a typo, not one bad point of the grid
+        raise ValueError(next(iter(refused.values())))
+    base_commit(root)
+    if args.dask:
+        parse_dask(args.dask)
+        if not dask_available():
+            raise ValueError("--dask needs prefect-dask and distributed: pip install -e '.[dask]'")
+    if args.remote:
+        from pipeline.orchestrate.repo import open_repo
+
+        with open_repo(root.resolve()) as repo:
+            remotes = sorted(repo.config.get("remote", {}))
+        if args.remote not in remotes:
+            raise ValueError(f"--remote {args.remote!r} is not a DVC remote of {root.resolve()}; remotes there: "
+                             f"{', '.join(remotes) or 'none'} (add one with `dvc remote add NAME URL`)")
+
+
+def _run_sweep(args: argparse.Namespace, plan: list, **kwargs) -> int:  # noqa: ANN003 - the flow's parameters
+    try:
+        _sweep_checks(args, plan)
+    except ValueError as err:
+        return _fail(err, 2)
+    from pipeline.sweeps import sweep_flow
+
+    code = _run_flow(sweep_flow, seeds=args.seeds, jobs=args.jobs, workspace=args.workspace, name=args.name,
+                     dask=args.dask, remote=args.remote, **kwargs)
+    md = Path(args.workspace) / "reports" / "sweeps" / f"{args.name}.md"
+    if code in (0, 1) and md.is_file():
+        print(md.read_text())
+    return code
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.config.base import ConfigError
     from pipeline.orchestrate.experiments import sweep_plan
-    from pipeline.orchestrate.params import merged_params, parse_assignments
+    from pipeline.orchestrate.params import parse_assignments
 
     try:
         grid = {k: v if isinstance(v, list) else [v] for k, v in parse_assignments(args.grid).items()}
-        for exp in sweep_plan("check", grid, args.seeds):  # fail before starting Prefect
-            merged_params(Path(args.workspace) / "params.yaml", {**exp.overrides, "seed": exp.seed})
+        plan = sweep_plan(args.name, grid, args.seeds, args.target)
     except (ValueError, ConfigError) as err:
         return _fail(err, 2)
-    from pipeline.flows import sweep_flow
+    return _run_sweep(args, plan, grid=grid, targets=args.target or None)
 
-    code = _run_flow(sweep_flow, grid=grid, seeds=args.seeds, jobs=args.jobs, targets=args.target or None,
-                     workspace=args.workspace, name=args.name)
-    if code == 0 and args.name:
-        md = Path(args.workspace) / "reports" / "sweeps" / f"{args.name}.md"
-        if md.is_file():
-            print(md.read_text())
-    return code
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.orchestrate.experiments import compare_plan
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    students = [s.strip() for s in args.students.split(",") if s.strip()]
+    params = Path(args.workspace) / "params.yaml"
+    try:
+        known = list((yaml.safe_load(params.read_text()) or {}).get("students") or {}) if params.is_file() else []
+        plan = compare_plan(args.name, methods, students, args.seeds, known)
+    except ValueError as err:
+        return _fail(err, 2)
+    return _run_sweep(args, plan, methods=methods, students=students)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -190,15 +237,28 @@ def main(argv: list[str] | None = None) -> int:
                           "local:N for a LocalCluster of N worker processes; DVC records on this machine")
     run.add_argument("--workspace", default=".")
     run.set_defaults(fn=_cmd_run)
-    sw = sub.add_parser("sweep", help="queue params x seeds as DVC experiments, run them, aggregate over seeds")
+    sw = sub.add_parser("sweep", help="run params x seeds as DVC experiments, each in its own clone, here or on a "
+                                      "Dask cluster; aggregate over seeds")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2]",
                     help="a params key and its values (YAML list), repeatable; combinations are crossed")
-    sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    sw.add_argument("-j", "--jobs", type=int, default=1, help="experiments run at once (DVC queue workers)")
-    sw.add_argument("--target", action="append", default=[], metavar="STAGE")
-    sw.add_argument("--name", help="sweep name: prefix of the experiments and reports/sweeps/NAME.md")
-    sw.add_argument("--workspace", default=".")
-    sw.set_defaults(fn=_cmd_sweep)
+    sw.add_argument("--target", action="append", default=[], metavar="STAGE",
+                    help="reproduce only this stage and what it depends on in each experiment (repeatable)")
+    sw.add_argument("--name", default="sweep", help="sweep name: prefix of the experiments and reports/sweeps/NAME.md")
+    cp = sub.add_parser("compare", help="each method x student x seed once, against the student alone and the "
+                                        "teacher; reports/sweeps/NAME.md")
+    cp.add_argument("--methods", required=True, metavar="M1,M2", help="methods to compare, e.g. kd,dkd,crd,dml")
+    cp.add_argument("--students", required=True, metavar="S1,S2", help="students of params.yaml to distill into")
+    cp.add_argument("--name", default="compare", help="comparison name: prefix of its experiments and its report")
+    for p, fn in ((sw, _cmd_sweep), (cp, _cmd_compare)):
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        p.add_argument("-j", "--jobs", type=int, help="experiments run at once (default 1, or every Dask worker)")
+        p.add_argument("--dask", metavar="ADDRESS|local:N",
+                       help="run each experiment as a task on a Dask cluster (workers see the workspace path), or "
+                            "local:N for a LocalCluster of N worker processes")
+        p.add_argument("--remote", metavar="NAME", help="share outs through this DVC remote (dvc exp push/pull) "
+                                                        "instead of the workspace's cache directory")
+        p.add_argument("--workspace", default=".")
+        p.set_defaults(fn=fn)
     sv = sub.add_parser("serve", help="serve the flows as Prefect deployments from this process")
     sv.add_argument("--name", default="kdpipe")
     sv.add_argument("--workspace", default=".")

@@ -16,9 +16,8 @@ Flow parameters ``params`` override params.yaml for that run (validated by the s
 before anything runs); the run is saved as a DVC experiment and params.yaml is put
 back as it was, so every run is "the workspace's params + this run's overrides".
 
-``sweep_flow`` queues a grid of params x seeds as DVC experiments (``dvc exp run
---queue``), runs the queue with N workers and aggregates the results as mean and
-spread per model.
+``pipeline.sweeps.sweep_flow`` runs a grid of params x seeds (or a comparison of
+methods) as DVC experiments, each in its own clone, on the same task runners.
 
 Both publish their tables and reports as Prefect artifacts. They run with no server
 (Prefect starts a temporary one) or as deployments on a process work pool
@@ -347,49 +346,11 @@ def _ensure_unlocked(root: Path, log: Any) -> None:
         log.warning("removed %s left by a killed DVC run", fixed)
 
 
-@flow(name="kdpipe-sweep")
-def sweep_flow(
-    grid: dict[str, list[Any]] | None = None,
-    seeds: list[int] | None = None,
-    jobs: int = 1,
-    targets: list[str] | None = None,
-    workspace: str = ".",
-    name: str | None = None,
-) -> dict[str, Any]:
-    """Queue every combination of ``grid`` x ``seeds`` as a DVC experiment, run the queue, aggregate.
-
-    ``grid``: param key -> list of values, e.g. ``{"distill.kd.temperature": [2, 4]}``.
-    The aggregated table (mean and spread over seeds per model and configuration) is
-    published as an artifact and written to ``reports/sweeps/<name>.md`` / ``.json``.
-    """
-    from pipeline.report.sweep import aggregate, sweep_markdown, write_sweep
-
-    log = get_run_logger()
-    root = Path(workspace).resolve()
-    seeds = list(seeds or [0])
-    prefix = _artifact_key(name or _run_name("sweep"))
-    plan = exps.sweep_plan(prefix, grid or {}, seeds)
-    log.info("queueing %d experiments (%d configurations x %d seeds)", len(plan), len(plan) // len(seeds), len(seeds))
-    with workspace_lock(root):
-        _ensure_unlocked(root, log)
-        exps.queue_experiments(root, plan, targets or ())
-        status = exps.run_queue(root, jobs, [e.name for e in plan], on_progress=log.info)
-    failed = [n for n, s in status.items() if s != "Success"]
-    if failed:
-        log.error("experiments that did not succeed: %s (see `dvc queue logs <name>`)", failed)
-    table = aggregate(exps.experiment_table(root), plan)
-    write_sweep(root, prefix, table)
-    if table:
-        create_table_artifact(table=table, key=f"{prefix}-sweep", description="mean and spread over seeds per model")
-        create_markdown_artifact(markdown=sweep_markdown(table, prefix), key=f"{prefix}-sweep-report")
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(plan)} sweep experiments failed: {failed}")
-    return {"experiments": [e.name for e in plan], "table": table}
-
-
 def serve(name: str = "kdpipe", workspace: str = ".") -> None:
     """Serve both flows as deployments from this process (no work pool needed): ``kdpipe serve``."""
     from prefect import serve as prefect_serve
+
+    from pipeline.sweeps import sweep_flow
 
     os.chdir(workspace)
     prefect_serve(

@@ -1,22 +1,21 @@
-"""Runs recorded as DVC experiments, and sweeps of params x seeds through DVC's experiment queue.
+"""Runs recorded as DVC experiments; the plan of a sweep (params x seeds) and which of its experiments
+share stages.
 
-Everything goes through DVC's Python API (``Repo.experiments``), not its command
-line's text.
+Everything goes through DVC's Python API (``Repo.experiments``, ``Repo.index``), not its
+command line's text. Running the experiments is :mod:`pipeline.orchestrate.isolated`'s.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.orchestrate.params import flatten, merged_params
+from pipeline.orchestrate.params import flatten
 from pipeline.orchestrate.repo import open_repo
 
 
@@ -37,18 +36,24 @@ def save_experiment(root: Path, name: str | None, targets: Sequence[str] | None 
 
 @dataclass(frozen=True)
 class QueuedExperiment:
-    """One queued run of a sweep: its experiment name, overrides and seed."""
+    """One run of a sweep: its experiment name, overrides and seed, and the stages it reproduces (all if empty).
+
+    ``labels`` are what the reports group by (e.g. ``{"method": "kd", "student": "resnet8"}``).
+    """
 
     name: str
     overrides: dict[str, Any]
     seed: int
+    targets: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        """The overrides this experiment applies, its seed included."""
+        return {**self.overrides, "seed": self.seed}
 
 
-def _dvc_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def sweep_plan(prefix: str, grid: Mapping[str, Sequence[Any]], seeds: Sequence[int]) -> list[QueuedExperiment]:
+def sweep_plan(prefix: str, grid: Mapping[str, Sequence[Any]], seeds: Sequence[int],
+               targets: Sequence[str] = ()) -> list[QueuedExperiment]:
     """Every combination of ``grid`` values times every seed, with readable experiment names."""
     keys = list(grid)
     if "seed" in keys:
@@ -60,52 +65,115 @@ def sweep_plan(prefix: str, grid: Mapping[str, Sequence[Any]], seeds: Sequence[i
     for ci, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
         overrides = dict(zip(keys, combo, strict=True))
         for seed in seeds:
-            plan.append(QueuedExperiment(f"{prefix}-c{ci}-s{seed}", overrides, int(seed)))
+            plan.append(QueuedExperiment(f"{prefix}-c{ci}-s{seed}", overrides, int(seed), tuple(targets)))
     return plan
 
 
-def queue_experiments(root: Path, plan: Sequence[QueuedExperiment], targets: Sequence[str] = ()) -> None:
-    """Queue each planned run as a DVC experiment (``dvc exp run --queue``); the schema checks every run first,
-    so nothing is queued on bad params."""
+def compare_plan(prefix: str, methods: Sequence[str], students: Sequence[str], seeds: Sequence[int],
+                 known_students: Sequence[str]) -> list[QueuedExperiment]:
+    """Each method x student x seed once: the method alone in its list, the stages that evaluate it, the
+    student alone and the teacher as targets (so the report can pair each model with its student alone).
+
+    ValueError naming an unknown method or student, and what is allowed.
+    """
+    from pipeline.distill.registry import load_methods
+
+    specs = load_methods()
+    unknown = [m for m in methods if m not in specs]
+    if unknown or not methods:
+        raise ValueError(f"compare --methods: unknown {unknown or 'none given'}; allowed: {', '.join(sorted(specs))}")
+    missing = [s for s in students if s not in known_students]
+    if missing or not students:
+        raise ValueError(f"compare --students: {missing or 'none given'} not in params.yaml `students`; "
+                         f"there: {', '.join(known_students)}")
+    if not seeds:
+        raise ValueError("compare --seeds: give at least one seed")
+    plan: list[QueuedExperiment] = []
+    for method in methods:
+        section, stage = ("distill", "distill") if specs[method].offline else ("online", "online")
+        for student in students:
+            targets = ("evaluate_teacher", f"evaluate_baseline@{student}", f"evaluate_{stage}@{student}-{method}")
+            for seed in seeds:
+                plan.append(QueuedExperiment(f"{prefix}-{method}-{student}-s{seed}", {f"{section}.methods": [method]},
+                                             int(seed), targets, {"method": method, "student": student}))
+    return plan
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def shared_stage_keys(root: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Stages that experiments with equal params share: stage -> (its param keys, its upstream stages).
+
+    Those are the stages that neither come from a ``foreach``/``matrix`` (whose set moves
+    with the params) nor depend on one: the teacher and what it needs. Two experiments
+    that give such a stage the same param values run it identically, so DVC's run-cache
+    lets the second restore what the first ran.
+    """
+    import networkx as nx
+    from dvc.dependency.param import ParamsDependency
+
+    with open_repo(root) as repo:
+        graph = repo.index.graph
+        out: dict[str, tuple[list[str], list[str]]] = {}
+        for stage in graph.nodes:
+            closure = nx.descendants(graph, stage) | {stage}
+            if any("@" in s.addressing for s in closure):
+                continue
+            keys = sorted({k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params})
+            out[stage.addressing] = (keys, sorted(s.addressing for s in graph.successors(stage)))
+    return out
+
+
+def leaders(plan: Sequence[QueuedExperiment], params_of: Mapping[str, Mapping[str, Any]],
+            shared: Mapping[str, tuple[list[str], list[str]]],
+            upstream_of_targets: Mapping[str, set[str] | None]) -> dict[str, set[str]]:
+    """For each experiment, the earlier ones it waits for: those first to run a shared stage it runs too.
+
+    ``params_of``: experiment name -> its merged params; ``upstream_of_targets``: experiment
+    name -> the stages its targets reproduce (None: all). The wait is what makes a teacher
+    train once per distinct teacher params however many experiments run at once; an
+    experiment's leader runs the stage, the others restore it from DVC's run-cache.
+    """
+    order = _topological(shared)
+    first: dict[str, str] = {}
+    waits: dict[str, set[str]] = {}
     for exp in plan:
-        merged_params(root / "params.yaml", {**exp.overrides, "seed": exp.seed})
-    present = flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})
-    with open_repo(root) as repo:
-        for exp in plan:
-            sets: list[str] = []
-            for k, v in flatten({**exp.overrides, "seed": exp.seed}).items():
-                new = "" if k in present else "+"  # DVC (Hydra) needs + for a key params.yaml does not have yet
-                sets.append(f"{new}{k}={_dvc_value(v)}")
-            repo.experiments.run(targets=list(targets) or None, params=sets, queue=True, name=exp.name)
+        keys: dict[str, str] = {}
+        runs = upstream_of_targets.get(exp.name)
+        for stage in order:
+            params, ups = shared[stage]
+            values = {k: _lookup(params_of[exp.name], k) for k in params}
+            keys[stage] = json.dumps([stage, values, [keys[u] for u in ups if u in keys]], sort_keys=True, default=str)
+        mine = {keys[s] for s in order if runs is None or s in runs}
+        waits[exp.name] = {first[k] for k in mine if k in first}
+        for k in mine:
+            first.setdefault(k, exp.name)
+    return waits
 
 
-def run_queue(root: Path, jobs: int, names: Sequence[str], poll: float = 2.0, timeout: float = 24 * 3600,
-              on_progress: Callable[[str], None] | None = None) -> dict[str, str]:
-    """Start ``jobs`` queue workers and wait until every named experiment finished; returns name -> status."""
-    with open_repo(root) as repo:
-        repo.experiments.celery_queue.start_workers(count=jobs)
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
-        status = queue_status(root)
-        mine = {n: status.get(n, "Unknown") for n in names}
-        pending = [n for n, s in mine.items() if s in ("Queued", "Running", "Unknown")]
-        line = ", ".join(f"{s}: {sum(1 for v in mine.values() if v == s)}" for s in sorted(set(mine.values())))
-        if on_progress and line != last:
-            on_progress(line)
-            last = line
-        if not pending:
-            return mine
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"sweep did not finish in {timeout:.0f} s: {line}")
-        time.sleep(poll)
+def _topological(shared: Mapping[str, tuple[list[str], list[str]]]) -> list[str]:
+    done: list[str] = []
+    seen: set[str] = set()
 
+    def visit(s: str) -> None:
+        if s in seen:
+            return
+        seen.add(s)
+        for u in shared[s][1]:
+            if u in shared:
+                visit(u)
+        done.append(s)
 
-def queue_status(root: Path) -> dict[str, str]:
-    """Experiment name -> queue status (Queued, Running, Success, Failed), from DVC's queue."""
-    with open_repo(root) as repo:
-        entries = repo.experiments.celery_queue.status()
-    return {e["name"]: e["status"] for e in entries if e.get("name")}
+    for s in sorted(shared):
+        visit(s)
+    return done
 
 
 def experiment_table(root: Path) -> list[dict[str, Any]]:

@@ -62,26 +62,91 @@ def aggregate(experiments: Iterable[dict[str, Any]], plan: Iterable[Any]) -> lis
     return rows
 
 
-def sweep_markdown(rows: Sequence[dict[str, Any]], name: str) -> str:
-    """The aggregated table as markdown: top-1 and NLL as mean ± std over seeds."""
-    out = [f"# Sweep {name}", "", "Test metrics, mean ± sample standard deviation over seeds.", "",
-           "| configuration | model | seeds | top-1 % | NLL | ECE |", "|---|---|---|---|---|---|"]
+def compare_rows(experiments: Iterable[dict[str, Any]], plan: Iterable[Any],
+                 seconds: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """One row per (method, student) of a comparison: top-1 over seeds, and the gain over the student alone.
 
-    def cell(r: dict[str, Any], m: str, spec: str) -> str:
-        return f"{r[m + '_mean']:{spec}} ± {r[m + '_std']:{spec}}" if f"{m}_mean" in r else "—"
+    The gain is paired: in each seed's experiment, the method's model minus the student
+    trained alone with that seed (both in the same experiment), then mean and sample std
+    of those differences. ``seconds``: each experiment's wall time.
+    """
+    by_name = {e["name"]: e for e in experiments}
+    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for q in plan:
+        method, student = q.labels.get("method"), q.labels.get("student")
+        exp = by_name.get(q.name)
+        if not method or not student or exp is None:
+            continue
+        model = exp["metrics"].get(f"metrics/{method}/{student}.json", {}).get("top1")
+        alone = exp["metrics"].get(f"metrics/baseline/{student}.json", {}).get("top1")
+        teacher = exp["metrics"].get("metrics/teacher.json", {}).get("top1")
+        if not isinstance(model, int | float) or not isinstance(alone, int | float):
+            continue
+        cell = cells.setdefault((method, student), {"top1": [], "alone": [], "gain": [], "teacher": [], "s": [],
+                                                    "seeds": []})
+        cell["top1"].append(float(model))
+        cell["alone"].append(float(alone))
+        cell["gain"].append(float(model) - float(alone))
+        cell["seeds"].append(q.seed)
+        if isinstance(teacher, int | float):
+            cell["teacher"].append(float(teacher))
+        if seconds and q.name in seconds:
+            cell["s"].append(seconds[q.name])
+    rows: list[dict[str, Any]] = []
+    for (method, student), c in cells.items():
+        row: dict[str, Any] = {"method": method, "student": student, "seeds": len(c["top1"])}
+        for key in ("top1", "alone", "gain", "teacher"):
+            if c[key]:
+                row[f"{key}_mean"], row[f"{key}_std"] = (round(x, 4) for x in _mean_std(c[key]))
+        row["per_seed"] = [{"seed": sd, "top1": t, "alone": a} for sd, t, a in zip(c["seeds"], c["top1"], c["alone"],
+                                                                                     strict=True)]
+        if c["s"]:
+            row["wall_s_mean"] = round(sum(c["s"]) / len(c["s"]), 1)
+        rows.append(row)
+    return rows
 
+
+def sweep_markdown(rows: Sequence[dict[str, Any]], name: str, compare: Sequence[dict[str, Any]] = (),
+                   failures: Sequence[dict[str, Any]] = ()) -> str:
+    """The sweep's report: the comparison (if any), every model as mean ± std over seeds, the failed experiments."""
+    out = [f"# Sweep {name}", ""]
+
+    def pm(r: dict[str, Any], m: str, spec: str) -> str:
+        return f"{r[m + '_mean']:{spec}} ± {r[m + '_std']:{spec.lstrip('+')}}" if f"{m}_mean" in r else "—"
+
+    if compare:
+        out += ["## Methods against the student alone", "",
+                "Top-1 % on the test split, mean ± sample standard deviation over seeds. The gain is paired: "
+                "each seed's model minus the student trained alone with the same seed, in the same experiment.", "",
+                "| method | student | seeds | top-1 % | student alone % | gain (points) | teacher % | wall s / run |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in compare:
+            wall = f"{r['wall_s_mean']:.1f}" if "wall_s_mean" in r else "—"
+            out.append(f"| {r['method']} | {r['student']} | {r['seeds']} | {pm(r, 'top1', '.2f')} | "
+                       f"{pm(r, 'alone', '.2f')} | {pm(r, 'gain', '+.2f')} | {pm(r, 'teacher', '.2f')} | {wall} |")
+        out += ["", "## Every model", ""]
+    out += ["Test metrics, mean ± sample standard deviation over seeds.", "",
+            "| configuration | model | seeds | top-1 % | NLL | ECE |", "|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['config']} | {r['model']} | {r['seeds']} | {cell(r, 'top1', '.2f')} | "
-                   f"{cell(r, 'nll', '.3f')} | {cell(r, 'ece', '.3f')} |")
-    return "\n".join(out) + "\n"
+        out.append(f"| {r['config']} | {r['model']} | {r['seeds']} | {pm(r, 'top1', '.2f')} | "
+                   f"{pm(r, 'nll', '.3f')} | {pm(r, 'ece', '.3f')} |")
+    if failures:
+        out += ["", f"## Failed experiments ({len(failures)})", ""]
+        for f in failures:
+            out += [f"### {f['name']}", "", f"{f['why']}", ""]
+            if f.get("log"):
+                out += ["```", f["log"].rstrip(), "```", ""]
+    return "\n".join(out).rstrip() + "\n"
 
 
-def write_sweep(root: Path, name: str, rows: Sequence[dict[str, Any]]) -> Path:
+def write_sweep(root: Path, name: str, rows: Sequence[dict[str, Any]], compare: Sequence[dict[str, Any]] = (),
+                failures: Sequence[dict[str, Any]] = (), experiments: Sequence[dict[str, Any]] = ()) -> Path:
     """Write ``reports/sweeps/<name>.json`` and ``.md`` (atomically); returns the markdown path."""
     from pipeline.engine.atomic import atomic_write_json, atomic_write_text
 
     base = root / "reports" / "sweeps"
-    atomic_write_json(base / f"{name}.json", {"name": name, "rows": list(rows)})
+    atomic_write_json(base / f"{name}.json", {"name": name, "rows": list(rows), "compare": list(compare),
+                                              "failures": list(failures), "experiments": list(experiments)})
     md = base / f"{name}.md"
-    atomic_write_text(md, sweep_markdown(rows, name))
+    atomic_write_text(md, sweep_markdown(rows, name, compare, failures))
     return md

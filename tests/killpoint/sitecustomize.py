@@ -15,11 +15,19 @@ list of points:
     the stage process ``python -m <stage module>`` stops before it imports anything;
 ``exit:<stage module>``
     that stage process stops after its body returned (its outs are written) and before it
-    exits, so DVC has not recorded it.
+    exits, so DVC has not recorded it;
+``killworker:<stage module>``
+    the first such stage process to start (of all processes that share the folder
+    ``$KDPIPE_KILLPOINTS_ONCE``) SIGKILLs the Dask worker above it, the nearest ancestor
+    that ``multiprocessing`` started, and waits to die with it; later ones run unchanged.
 
 A stopped process prints ``KILLPOINT reached <point>`` to stderr and sleeps until it is
 killed. Processes that match no point run unchanged; nothing of the project's own code
 knows about this.
+
+``KDPIPE_STAGE_STARTS`` names a file to which every stage process appends a line
+``<stage module> <args>`` as it starts: tests count which stages really ran (a stage
+DVC restores from its run-cache starts no process).
 """
 
 from __future__ import annotations
@@ -46,6 +54,25 @@ def _wait_for_kill(point: str) -> None:
     print(f"KILLPOINT reached {point}", file=sys.stderr, flush=True)
     while True:
         time.sleep(3600)
+
+
+def _first(point: str) -> bool:
+    """Whether this is the first process to reach ``point`` (an exclusive create in $KDPIPE_KILLPOINTS_ONCE)."""
+    folder = os.environ["KDPIPE_KILLPOINTS_ONCE"]
+    try:
+        os.close(os.open(os.path.join(folder, point.replace(":", "-")), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _kill_worker(point: str) -> None:
+    import psutil
+
+    worker = next(p for p in psutil.Process().parents() if "multiprocessing" in " ".join(p.cmdline()))
+    print(f"KILLPOINT reached {point}: killing Dask worker {worker.pid}", file=sys.stderr, flush=True)
+    worker.kill()
+    _wait_for_kill(point)
 
 
 class _PatchProgress(importlib.abc.MetaPathFinder):
@@ -84,6 +111,11 @@ def _install() -> None:
     stage = _stage_module()
     if stage is None:
         return
+    starts = os.environ.get("KDPIPE_STAGE_STARTS")
+    if starts:
+        argv = list(getattr(sys, "orig_argv", []))
+        with open(starts, "a") as f:  # one short line per write: appends from several processes stay whole
+            f.write(" ".join([stage, *argv[argv.index("-m") + 2:]]) + "\n")
     epochs = []
     for point in _POINTS:
         kind, _, rest = point.partition(":")
@@ -91,6 +123,8 @@ def _install() -> None:
             _wait_for_kill(point)
         elif kind == "exit" and rest == stage:
             atexit.register(_wait_for_kill, point)
+        elif kind == "killworker" and rest == stage and _first(point):
+            _kill_worker(point)
         elif kind == "epoch":
             label, epoch, step = rest.rsplit(":", 2)
             epochs.append((label, int(epoch), int(step), point))
