@@ -116,6 +116,19 @@ def fit_until_crash(epoch: int, *fit_args, **fit_kwargs) -> None:
         loop.Progress.epoch_done = original
 
 
+#: The files that take longest (minutes each: whole pipelines, clusters, servers), longest first. They are
+#: handed out first, so with one file per core (-n auto --dist loadfile) no core is left with a long file at
+#: the end while the others idle. Only the order depends on this list; a stale entry costs balance, not tests.
+LONGEST_FIRST = ("test_pipeline_dvc.py", "test_kill_points.py", "test_deploy_dvc.py", "test_sweep_cluster.py",
+                 "test_parallel_flow.py", "test_deployments.py", "test_flow_kill.py", "test_flows.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:  # noqa: ANN001 - pytest hook
+    """Put the longest files first, each file's tests in their own order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep collection order
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001 - pytest hook
     """Prefect stops its temporary server at interpreter exit and logs that to a stream pytest has
     closed by then; without this, logging prints a "--- Logging error ---" traceback after the summary."""

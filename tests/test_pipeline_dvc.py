@@ -62,15 +62,17 @@ def test_second_repro_skips_everything(workspace: Path):
 TIMED = {"benchmark", "report"}
 
 
-@pytest.mark.parametrize("how", [["--jobs", "2"], ["--dask", "local:2"]], ids=["threads", "dask"])
-def test_a_concurrent_flow_writes_the_dvc_lock_of_a_serial_repro(workspace: Path, tmp_path: Path, how: list[str]):
-    """`kdpipe run --jobs 2` (and on a real Dask LocalCluster of 2 workers), from a clone of the same commit:
-    DVC ends where the serial `dvc repro` ended, every hash equal but the timings'."""
-    if "--dask" in how:
-        pytest.importorskip("prefect_dask", reason="the dask extra is not installed: pip install -e '.[dask]'")
+def test_a_concurrent_flow_on_a_dask_cluster_writes_the_dvc_lock_of_a_serial_repro(workspace: Path, tmp_path: Path):
+    """`kdpipe run --dask local:2` (a real LocalCluster of 2 worker processes, two stages at a time), from a
+    clone of the same commit: DVC ends where the serial `dvc repro` ended, every hash equal but the timings'.
+
+    The thread runner (`--jobs 2`) runs the same loop (prepare and record on the host, commands in slots):
+    tests/test_flow_kill.py compares its dvc.lock with a serial repro's, tests/test_parallel_flow.py its scheduling.
+    """
+    pytest.importorskip("prefect_dask", reason="the dask extra is not installed: pip install -e '.[dask]'")
     ws = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(workspace), str(ws)], check=True)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *how, "--no-record"], cwd=ws,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--dask", "local:2", "--no-record"], cwd=ws,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     serial = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
