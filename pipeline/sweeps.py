@@ -236,10 +236,10 @@ def _run_experiments(root: Path, rev: str, todo: list[exps.QueuedExperiment], wa
                 try:
                     if remote:
                         pull_back(root, [exp.name], remote)
-                    ended.add(exp.name)
                     log.info("%s: done in %.1f s", exp.name, seconds[exp.name])
                 except Exception as err:  # noqa: BLE001 - pushed but not pulled back: it counts as failed
                     failures[exp.name] = {"name": exp.name, "why": f"dvc exp pull failed: {err}", "log": ""}
+                ended.add(exp.name)
             elif not fut.state.is_final() and resubmits.get(exp.name, 0) < RETRIES:
                 resubmits[exp.name] = resubmits.get(exp.name, 0) + 1
                 pending.insert(0, exp)  # its worker died: run it again, elsewhere
@@ -250,7 +250,7 @@ def _run_experiments(root: Path, rev: str, todo: list[exps.QueuedExperiment], wa
                 failures[exp.name] = {"name": exp.name, "why": getattr(err, "why", None) or str(err or fut.state.message),
                                       "log": getattr(err, "tail", "")}
                 log.error("%s: failed after %.1f s: %s", exp.name, time.monotonic() - t0, failures[exp.name]["why"])
-            ended.add(exp.name)
+                ended.add(exp.name)
             submit_ready()
             progress()
     return seconds

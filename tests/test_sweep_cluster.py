@@ -54,6 +54,8 @@ def test_a_sweep_on_a_dask_local_cluster_survives_a_killed_worker_and_a_bad_poin
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-4000:]  # the bad point fails the sweep, after the others finished
     assert "2 of 6 sweep experiments failed" in out
+    assert "sweep temps: queued 2, running 2, done 0, failed 2" in out  # progress as it goes, then the end
+    assert "sweep temps: queued 0, running 0, done 4, failed 2" in out
 
     report = json.loads((ws / "reports" / "sweeps" / "temps.json").read_text())
     failed = {f["name"]: f for f in report["failures"]}
