@@ -184,7 +184,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.flows import serve
+    from pipeline.serve import serve
 
     serve(args.name, args.workspace)
     return 0

@@ -344,16 +344,3 @@ def _ensure_unlocked(root: Path, log: Any) -> None:
     """Stop on DVC locks held or left stale; an rwlock a kill cut short is removed (and logged) instead."""
     for fixed in ensure_unlocked(root, repair_cut_rwlock=True).repaired:
         log.warning("removed %s left by a killed DVC run", fixed)
-
-
-def serve(name: str = "kdpipe", workspace: str = ".") -> None:
-    """Serve both flows as deployments from this process (no work pool needed): ``kdpipe serve``."""
-    from prefect import serve as prefect_serve
-
-    from pipeline.sweeps import sweep_flow
-
-    os.chdir(workspace)
-    prefect_serve(
-        pipeline_flow.to_deployment(name=name, parameters={"workspace": str(Path(workspace).resolve())}),
-        sweep_flow.to_deployment(name=f"{name}-sweep", parameters={"workspace": str(Path(workspace).resolve())}),
-    )
