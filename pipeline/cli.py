@@ -168,16 +168,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    import yaml
-
-    from pipeline.orchestrate.experiments import compare_plan
+    from pipeline.orchestrate.experiments import compare_plan, known_students
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     students = [s.strip() for s in args.students.split(",") if s.strip()]
-    params = Path(args.workspace) / "params.yaml"
     try:
-        known = list((yaml.safe_load(params.read_text()) or {}).get("students") or {}) if params.is_file() else []
-        plan = compare_plan(args.name, methods, students, args.seeds, known)
+        plan = compare_plan(args.name, methods, students, args.seeds, known_students(Path(args.workspace)))
     except ValueError as err:
         return _fail(err, 2)
     return _run_sweep(args, plan, methods=methods, students=students)

@@ -67,10 +67,7 @@ def experiment_task(job: ExperimentJob, plan: slots.SlotPlan) -> float:
 def _plan(root: Path, prefix: str, grid: dict[str, list[Any]] | None, seeds: list[int], targets: list[str] | None,
           methods: list[str] | None, students: list[str] | None) -> list[exps.QueuedExperiment]:
     if methods or students:
-        import yaml
-
-        known = list((yaml.safe_load((root / "params.yaml").read_text()) or {}).get("students") or {})
-        return exps.compare_plan(prefix, methods or [], students or [], seeds, known)
+        return exps.compare_plan(prefix, methods or [], students or [], seeds, exps.known_students(root))
     return exps.sweep_plan(prefix, grid or {}, seeds, targets or ())
 
 

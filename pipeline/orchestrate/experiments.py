@@ -15,14 +15,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.orchestrate.params import flatten
 from pipeline.orchestrate.repo import open_repo
 
 
+def head_commit(root: Path) -> str | None:
+    """The commit ``root``'s work tree is on, or None when it is no git repository with a commit."""
+    proc = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 def is_git_repo(root: Path) -> bool:
     """Whether ``root`` is a git work tree with at least one commit (DVC experiments need one)."""
-    proc = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
-    return proc.returncode == 0
+    return head_commit(root) is not None
+
+
+def known_students(root: Path) -> list[str]:
+    """The student names of ``root``'s params.yaml (none when it has no file)."""
+    params = root / "params.yaml"
+    return list((yaml.safe_load(params.read_text()) or {}).get("students") or {}) if params.is_file() else []
 
 
 def save_experiment(root: Path, name: str | None, targets: Sequence[str] | None = None) -> str | None:

@@ -18,6 +18,7 @@ Either way the experiment then shows in ``dvc exp show`` of the workspace.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -53,11 +54,13 @@ def _git(cwd: Path, *args: str) -> None:
 
 def base_commit(root: Path) -> str:
     """The commit a sweep runs: the workspace's HEAD (ValueError without one)."""
-    proc = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
-    if proc.returncode != 0:
+    from pipeline.orchestrate.experiments import head_commit
+
+    rev = head_commit(root)
+    if rev is None:
         raise ValueError(f"{root} is not a git repository with a commit: a sweep runs each experiment in a clone "
                          "of the workspace's commit (git init && git add -A && git commit)")
-    return proc.stdout.strip()
+    return rev
 
 
 def uncommitted(root: Path) -> list[str]:
@@ -82,8 +85,6 @@ def run_in_clone(job: ExperimentJob, on_line: Callable[[str], None] | None = Non
     Raises :class:`StageFailedError` (named after the experiment) with the last output
     lines when a step fails; the clone is removed either way.
     """
-    import os
-
     from pipeline.orchestrate.params import apply_params
 
     t0 = time.monotonic()
