@@ -158,20 +158,45 @@ def _flow_lock_holder(root: Path) -> int | None:
         os.close(fd)
 
 
+def _dvc_args(cmd: list[str]) -> list[str] | None:
+    """The DVC arguments of a command line (``["repro", ...]``), or None when it is not a DVC command."""
+    at = next((i for i, a in enumerate(cmd[:3])
+               if Path(a).name == "dvc" or a.endswith(("dvc/__main__.py", "dvc/cli/__init__.py"))), None)
+    if at is None and len(cmd) > 2 and cmd[1] == "-m" and cmd[2] == "dvc":
+        at = 2
+    return None if at is None else cmd[at + 1:]
+
+
+def _is_daemon(proc: psutil.Process) -> bool:
+    """Whether ``proc`` is one of DVC's daemons, which take no lock.
+
+    DVC starts ``dvc daemon analytics|updater`` as a command ends, through a double fork:
+    the forked copy keeps the command's own command line (``dvc init``, ``dvc repro``)
+    and only waits for the daemon, for as long as the daemon lives (a network timeout on
+    a machine without network). Both are recognised: the daemon by its arguments, the
+    copy as a session leader whose every child is a daemon.
+    """
+    try:
+        if (_dvc_args(proc.cmdline()) or [None])[0] == "daemon":
+            return True
+        children = proc.children()
+        return (bool(children) and os.getsid(proc.pid) == proc.pid
+                and all((_dvc_args(c.cmdline()) or [None])[0] == "daemon" for c in children))
+    except (psutil.Error, ProcessLookupError):
+        return True  # gone: it holds nothing
+
+
 def live_dvc_processes(root: Path) -> list[int]:
-    """PIDs of live DVC processes whose working directory is inside ``root`` (this user's processes)."""
+    """PIDs of live DVC processes whose working directory is inside ``root`` (this user's processes).
+
+    DVC's daemons (and the forked copy of a command that waits for one) are left out: they take no lock.
+    """
     found: list[int] = []
     for proc in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
         info = proc.info
         if info.get("status") == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
             continue
-        cmd = info.get("cmdline") or []
-        at = next((i for i, a in enumerate(cmd[:3])
-                   if Path(a).name == "dvc" or a.endswith(("dvc/__main__.py", "dvc/cli/__init__.py"))), None)
-        if at is None and len(cmd) > 2 and cmd[1] == "-m" and cmd[2] == "dvc":
-            at = 2
-        # `dvc daemon analytics|updater`, which DVC leaves running a few seconds after a command, takes no lock
-        if at is None or cmd[at + 1: at + 2] == ["daemon"]:
+        if _dvc_args(info.get("cmdline") or []) is None or _is_daemon(proc):
             continue
         cwd = info.get("cwd")
         if cwd and (Path(cwd) == root or root in Path(cwd).parents):

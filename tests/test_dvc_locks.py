@@ -192,12 +192,19 @@ def test_the_flow_in_progress_counts_as_busy_for_others(repo: Path):
 
 
 def test_dvc_daemons_do_not_count_and_a_just_ended_command_is_waited_for(repo: Path, tmp_path: Path):
-    # stand-ins with DVC's command lines: `dvc daemon analytics` (DVC starts it as a command ends, and a forked
-    # copy of the command lives on for a moment), a command that ends within the settle time, a long one
+    # stand-ins with DVC's command lines: `dvc daemon analytics` (DVC starts it as a command ends), the forked
+    # copy of the ended command (`dvc init`) that waits for its daemon as a session leader, a command that ends
+    # within the settle time, a long one
     fake = tmp_path / "site" / "dvc" / "__main__.py"
     fake.parent.mkdir(parents=True)
-    # each says it started, then runs until its hold file (the last argument) is removed
-    fake.write_text("import os, sys, time\nprint('started', flush=True)\n"
+    # each says it started, then runs until its hold file (the last argument) is removed; `init` first starts
+    # its own daemon child in a new session, as DVC's double fork leaves it
+    fake.write_text("import os, subprocess, sys, time\n"
+                    "if sys.argv[1] == 'init':\n"
+                    "    os.setsid()\n"
+                    "    child = subprocess.Popen([sys.executable, sys.argv[0], 'daemon', 'updater', sys.argv[-1]],\n"
+                    "                             stdout=subprocess.DEVNULL)\n"
+                    "print('started', flush=True)\n"
                     "while os.path.exists(sys.argv[-1]):\n    time.sleep(0.05)\n")
 
     def start(*args: str) -> subprocess.Popen:
@@ -208,6 +215,7 @@ def test_dvc_daemons_do_not_count_and_a_just_ended_command_is_waited_for(repo: P
         assert proc.stdout.readline().strip() == "started"
         return proc
 
+    waiter = start("init", "-q")
     daemon = start("daemon", "analytics")
     ending = start("status")
     try:
@@ -229,6 +237,8 @@ def test_dvc_daemons_do_not_count_and_a_just_ended_command_is_waited_for(repo: P
             long.kill()
             long.wait()
     finally:
-        for p in (daemon, ending):
+        for hold in tmp_path.glob("hold-*"):
+            hold.unlink()  # the waiter's daemon child ends with it
+        for p in (daemon, ending, waiter):
             p.kill()
             p.wait()
