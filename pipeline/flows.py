@@ -36,8 +36,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-# no network here or on many edge build hosts: Prefect's telemetry would only log errors
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from pipeline.orchestrate.prefect_env import set_defaults
+
+set_defaults()  # before Prefect reads its settings
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402

@@ -18,13 +18,13 @@ the experiments the workspace does not have yet.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-# as in pipeline.flows, before Prefect reads its settings: no network here for its telemetry
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from pipeline.orchestrate.prefect_env import set_defaults
+
+set_defaults()  # before Prefect reads its settings
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.orchestrate import prefect_env
+
 _LOCAL = re.compile(r"^local:(\d+)$")
 
 
@@ -82,4 +84,4 @@ def worker_env() -> dict[str, str]:
 
     with get_client(sync_client=True) as client:
         url = str(client.api_url).rstrip("/")
-    return {"PREFECT_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return {**prefect_env.DEFAULTS, "PREFECT_API_URL": url}
