@@ -8,7 +8,64 @@ assertions independent of client/server schema drift.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own session, and everything it started (SIGKILL after 20 s)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[dict[str, str]]:
+    """A real Prefect server on 127.0.0.1 (`prefect server start`, as the README starts one), stopped at the end.
+
+    Yields the environment its clients need (``PREFECT_HOME``, ``PREFECT_API_URL``). The bound on its start
+    is a guard against a server that never comes up, not a measure: a busy 2-core machine takes tens of seconds.
+    """
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{api}/health", timeout=10) as resp:  # noqa: S310 - local server
+                        json.loads(resp.read())
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()}") from None
+                    time.sleep(0.5)
+            yield {"PREFECT_HOME": str(home), "PREFECT_API_URL": api}
+        finally:
+            stop(proc)
 
 
 def api(path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:

@@ -12,37 +12,19 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, make_workspace, tiny_params
+from tests.prefect_api import stop
 
 pytestmark = pytest.mark.slow
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def get(url: str) -> dict:
@@ -57,29 +39,11 @@ def post(url: str, body: dict) -> list | dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "KDPIPE_PROGRESS": "lines"}
-    log = open(home / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                get(f"{api}/health")
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()}") from None
-                time.sleep(1)
-        yield env
-    finally:
-        stop(proc)
-        log.close()
+def server(prefect_api: dict[str, str]) -> dict[str, str]:
+    """The environment of this module's processes: the session's Prefect server (`prefect server start`)."""
+    # a worker and a serving process look for new runs every 10 s by default: 1 s keeps the waits here short
+    return {**os.environ, **prefect_api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "KDPIPE_PROGRESS": "lines",
+            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
 
 
 def prefect(env: dict[str, str], cwd: Path, *args: str) -> str:

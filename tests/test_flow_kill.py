@@ -19,7 +19,7 @@ import yaml
 
 from tests.conftest import KILLPOINT_REACHED, killpoint_env, make_workspace, tiny_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 PARAMS = tiny_params(data={"synthetic_samples": 1200}, teacher={"model": "tinynet_m", "train": {"epochs": 6}},
                      students={"tinynet_s": {"train": {"epochs": 4}}})

@@ -12,17 +12,15 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdpipe-prefect-"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from tests.conftest import init_repo, tiny_params, write_params
+from tests.prefect_api import artifacts, flow_run_logs, task_runs
 
-from tests.conftest import init_repo, tiny_params, write_params  # noqa: E402
-from tests.prefect_api import artifacts, flow_run_logs, task_runs  # noqa: E402
+pytestmark = pytest.mark.usefixtures("prefect_api")  # one Prefect server for every flow here
 
 FLAKY = """\
 import os, signal, sys

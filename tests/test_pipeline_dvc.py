@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +73,11 @@ def test_a_concurrent_flow_on_a_dask_cluster_writes_the_dvc_lock_of_a_serial_rep
     pytest.importorskip("prefect_dask", reason="the dask extra is not installed: pip install -e '.[dask]'")
     ws = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(workspace), str(ws)], check=True)
+    # as a user runs it: no Prefect server of one's own, so the flow starts Prefect's temporary server and gives
+    # its address to the cluster's workers (the other tests share one server: tests/conftest.py prefect_api)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--dask", "local:2", "--no-record"], cwd=ws,
-                          capture_output=True, text=True, timeout=1200)
+                          env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     serial = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
     flow = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
@@ -136,7 +140,6 @@ def _state_dict(path: Path) -> dict:
 
 
 def test_killed_repro_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: Path):
-    import os
     import signal
 
     import torch

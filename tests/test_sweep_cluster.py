@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import killpoint_env, make_workspace, tiny_params
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # one Prefect server for every sweep here
+
 PARAMS = tiny_params(train={"epochs": 1}, teacher={"model": "tinynet_s"})
 
 
