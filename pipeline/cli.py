@@ -62,11 +62,25 @@ def _cmd_results(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no results under {Path(args.root) / 'metrics'}; run `dvc repro` first", file=sys.stderr)
         return 1
-    cols = ["run", "top1", "top5", "nll", "ece", "teacher_agreement", "params", "macs"]
+    from pipeline.report.significance import read_correct, significance_rows, verdict
+
+    by_run = {r["run"]: r for r in rows}
+    stats = {r["run"]: r for r in significance_rows(by_run, read_correct(Path(args.root), list(by_run)))}
+    cols = ["run", "top1", "95% interval", "top5", "nll", "ece", "teacher_agreement", "params", "macs", "vs alone",
+            "McNemar p", "gap recovered"]
     print(" | ".join(cols))
     for r in rows:
-        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        st = stats.get(r["run"], {})
+        shown = {**r, "95% interval": f"{st['ci_low']:.2f}-{st['ci_high']:.2f}" if st else "",
+                 "vs alone": st.get("vs_alone"), "McNemar p": st.get("p_value"), "gap recovered": st.get("gap_recovered")}
+        cells = [f"{shown[c]:.4g}" if isinstance(shown.get(c), float) else str(shown.get(c) or "") for c in cols]
         print(" | ".join(cells))
+    paired = [st for st in stats.values() if "p_value" in st]
+    if paired:
+        n = paired[0]["test_images"]
+        print(f"\nagainst the student alone on the same {n} test images (exact McNemar, 0.05):")
+        for st in paired:
+            print(f"  {st['run']}: {st['vs_alone']:+.2f} points, {verdict(st)}")
     return 0
 
 
@@ -203,6 +217,9 @@ def _cmd_locks(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kdpipe`` command."""
+    from pipeline.orchestrate.prefect_env import set_defaults
+
+    set_defaults()  # before any command imports Prefect
     ap = argparse.ArgumentParser(prog="kdpipe", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("models", help="list the model registry")

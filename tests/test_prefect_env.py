@@ -8,7 +8,10 @@ import sys
 
 from pipeline.orchestrate.prefect_env import EPHEMERAL_STARTUP_TIMEOUT_S
 
-PROBE = ("import pipeline.sweeps\n"
+# the way `kdpipe run --dask` goes: the CLI checks for the dask extra before it imports the flow
+PROBE = ("from pipeline.orchestrate.runners import dask_available\n"
+         "dask_available()\n"
+         "import pipeline.sweeps\n"
          "from prefect.settings import get_current_settings\n"
          "s = get_current_settings().server\n"
          "print(s.ephemeral.startup_timeout_seconds, s.analytics_enabled)\n")

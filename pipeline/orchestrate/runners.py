@@ -16,6 +16,8 @@ from typing import Any
 
 from pipeline.orchestrate import prefect_env
 
+prefect_env.set_defaults()  # this module's callers import Prefect and Dask through it
+
 _LOCAL = re.compile(r"^local:(\d+)$")
 
 
@@ -47,13 +49,14 @@ def parse_dask(spec: str) -> DaskTarget:
 
 
 def dask_available() -> bool:
-    """Whether prefect-dask and distributed are installed (the ``dask`` extra)."""
-    try:
-        import distributed  # noqa: F401
-        import prefect_dask  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether prefect-dask and distributed are installed (the ``dask`` extra).
+
+    Looked up, not imported: importing prefect-dask imports Prefect, which would read its
+    settings before :func:`pipeline.orchestrate.prefect_env.set_defaults` gave them kdpipe's defaults.
+    """
+    from importlib.util import find_spec
+
+    return all(find_spec(name) is not None for name in ("distributed", "prefect_dask"))
 
 
 def task_runner(jobs: int, dask: DaskTarget | None) -> Any:
