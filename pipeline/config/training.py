@@ -20,20 +20,20 @@ def check_model_name(name: str) -> str:
 
 
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
 
 class DataConfig(Strict):
     """Which dataset, which split sizes and which data scenario (few-sample, noisy, low-res)."""
 
-    name: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
-    root: str | None = Field(None, description="local folder for cifar10/cifar100/imagefolder; nothing is downloaded")
+    name: Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic"] = "digits"
+    root: str | None = Field(None, description="local folder for cifar10/cifar100/mnist/fashion_mnist/imagefolder; nothing is downloaded")
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of the training pool held out for validation")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of the pool used as test split where the dataset has no test split (digits, synthetic)")
     train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="keep this share of the training split, stratified (few-sample scenario)")
     label_noise: float = Field(0.0, ge=0.0, lt=1.0, description="symmetric label-noise rate on the training split")
     image_size: int | None = Field(None, ge=4, le=1024, description="resize images to this side (low-resolution scenario); null keeps the native size")
     augment: bool = Field(True, description="training augmentation: zero-padded random crop (pad max(1, size//8)) and, where allowed, horizontal flip")
-    hflip: bool | None = Field(None, description="random horizontal flip when augmenting; null = the dataset's default (on for cifar10/cifar100/imagefolder, off for digits/synthetic)")
+    hflip: bool | None = Field(None, description="random horizontal flip when augmenting; null = the dataset's default (on for cifar10/cifar100/fashion_mnist/imagefolder, off for digits/mnist/synthetic)")
     num_workers: int = Field(0, ge=0, le=64)
     bad_images: Literal["skip", "fail"] = Field("fail", description="image folder policy for unreadable images")
     synthetic_samples: int = Field(600, ge=20, description="size of the synthetic dataset (tests)")

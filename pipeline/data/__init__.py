@@ -1,4 +1,4 @@
-"""Dataset registry: digits (embedded default), cifar10/cifar100, imagefolder and synthetic.
+"""Dataset registry: digits (embedded default), cifar10/cifar100, mnist/fashion_mnist, imagefolder and synthetic.
 
 ``build_data(cfg.data, seed)`` returns :class:`DataSplits` (train, train_eval, val,
 test plus shape, class and normalisation facts); :func:`preprocessing_spec` turns
@@ -17,7 +17,7 @@ from pipeline.data.images import ImageDataset
 from pipeline.data.preprocessing import preprocess_image, preprocessing_spec
 
 # Importing the dataset modules registers them (order = DATASET_NAMES order).
-from pipeline.data import digits, cifar, imagefolder, synthetic  # noqa: E402,F401  isort: skip
+from pipeline.data import digits, cifar, idx, imagefolder, synthetic  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "DATASET_NAMES",

@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from pipeline.data.base import BadDatasetError, DatasetNotFoundError, DataSplits, register_dataset
-from pipeline.data.images import ArrayStore
-from pipeline.data.splits import assemble_splits, carve_val
+from pipeline.data.splits import official_test_splits
 
 if TYPE_CHECKING:
     from pipeline.config.training import DataConfig
@@ -165,24 +163,9 @@ def read_cifar(
 
 
 def _build(name: str, layout: CifarLayout, cfg: DataConfig, seed: int) -> DataSplits:
-    (train_x, train_y), (test_x, test_y), class_names = read_cifar(layout, cfg.root)
-    size = cfg.image_size or NATIVE_SIZE
-    pool = ArrayStore(torch.from_numpy(train_x), 255.0, size)
-    train, val = carve_val(train_y, cfg.val_fraction, seed)
-    return assemble_splits(
-        name,
-        cfg,
-        seed,
-        train=(pool.subset(train), train_y[train]),
-        val=(pool.subset(val), train_y[val]),
-        test=(ArrayStore(torch.from_numpy(test_x), 255.0, size), test_y),
-        class_names=class_names,
-        mode="RGB",
-        scale=255.0,
-        native_size=NATIVE_SIZE,
-        hflip_default=True,
-        known_stats=(layout.mean, layout.std),
-    )
+    train, test, class_names = read_cifar(layout, cfg.root)
+    return official_test_splits(name, cfg, seed, train, test, class_names=class_names, mode="RGB",
+                                native_size=NATIVE_SIZE, hflip_default=True, known_stats=(layout.mean, layout.std))
 
 
 @register_dataset("cifar10")

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from pipeline.data.base import BadDatasetError, DataSplits
-from pipeline.data.images import ImageDataset, ImageStore, channel_stats, crop_padding
+from pipeline.data.images import ArrayStore, ImageDataset, ImageStore, channel_stats, crop_padding
 
 if TYPE_CHECKING:
     from pipeline.config.training import DataConfig
@@ -225,4 +226,39 @@ def assemble_splits(
         mode=mode,
         scale=float(scale),
         native_size=native_size,
+    )
+
+
+def official_test_splits(
+    name: str,
+    cfg: DataConfig,
+    seed: int,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    class_names: Sequence[str],
+    mode: str,
+    native_size: int,
+    hflip_default: bool,
+    known_stats: tuple[Sequence[float], Sequence[float]],
+) -> DataSplits:
+    """The splits of a dataset that ships a training set and an official test set as uint8 arrays [N, C, H, W]
+    (CIFAR, MNIST, Fashion-MNIST): val carved stratified from the training set, test kept whole."""
+    (train_x, train_y), (test_x, test_y) = train, test
+    size = cfg.image_size or native_size
+    pool = ArrayStore(torch.from_numpy(np.ascontiguousarray(train_x)), 255.0, size)
+    kept, val = carve_val(train_y, cfg.val_fraction, seed)
+    return assemble_splits(
+        name,
+        cfg,
+        seed,
+        train=(pool.subset(kept), train_y[kept]),
+        val=(pool.subset(val), train_y[val]),
+        test=(ArrayStore(torch.from_numpy(np.ascontiguousarray(test_x)), 255.0, size), test_y),
+        class_names=class_names,
+        mode=mode,
+        scale=255.0,
+        native_size=native_size,
+        hflip_default=hflip_default,
+        known_stats=known_stats,
     )
