@@ -56,7 +56,20 @@ def test_repro_writes_every_deploy_artifact(workspace: Path):
         assert (ws / "bundles" / name / "run.py").is_file() and (ws / "bundles" / f"{name}.tar.gz").is_file()
     res = json.loads((ws / "reports/results.json").read_text())
     assert len(res["rows"]) == 9 and res["profiles"]["edge-1core"]["pick"] is not None
-    assert (ws / "reports/results.md").read_text().startswith("# Deployment results")
+    md = (ws / "reports/results.md").read_text()
+    assert md.startswith("# Deployment results") and "| 95 % interval |" in md
+    # what distillation buys: the KD student against the same student alone, on the same test images
+    assert "## What distillation buys (PyTorch FP32, test split)" in md
+    paired = {r["run"]: r for r in res["significance"]}
+    assert set(paired) == {"teacher", "baseline/tinynet_s", "kd/tinynet_s"}
+    kd = paired["kd/tinynet_s"]
+    right = {k: [r["actual"] == r["predicted"] for r in json.loads((ws / "plots/confusion" / f"{k}.json").read_text())]
+             for k in ("kd/tinynet_s", "baseline/tinynet_s")}
+    pairs = zip(right["kd/tinynet_s"], right["baseline/tinynet_s"], strict=True)
+    assert kd["only_model"] == sum(a and not b for a, b in pairs)
+    assert 0 < kd["p_value"] <= 1 and "p_value" not in paired["teacher"]
+    assert kd["ci_low"] <= kd["top1"] <= kd["ci_high"]
+    assert ("Significant at 0.05: `kd/tinynet_s`" in md) == kd["significant"]
     assert (ws / "reports/pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]

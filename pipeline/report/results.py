@@ -3,7 +3,9 @@
 Inputs (written by earlier stages): ``reports/export.json`` (which models, roles,
 parity), ``reports/quantize.json`` (top-1/top-5 and size of every ONNX file, run by
 onnxruntime on the test split), ``reports/benchmark.json`` (latency per device
-profile) and ``metrics/<run>.json`` (parameters and MACs from the evaluate stage).
+profile), ``metrics/<run>.json`` (parameters and MACs from the evaluate stage) and
+``plots/confusion/<run>.json`` (each test image's prediction, for the paired tests of
+:mod:`pipeline.report.significance`).
 The rows, their Pareto front and budget pick are computed by :mod:`pipeline.report.rows`.
 Outputs: ``reports/results.json``, ``reports/results.md`` and (via
 :mod:`pipeline.report.plots`) ``reports/pareto.png``. Both results files end with the
@@ -19,7 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.report.metrics import collect_results
 from pipeline.report.rows import best_under_budget, build_rows, label, pareto_front, row_latency
+from pipeline.report.significance import read_correct, significance_markdown, significance_rows
+from pipeline.stats import accuracy_interval
 
 
 def _read(path: Path, stage: str) -> Any:
@@ -99,12 +104,22 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
+def _interval(top1: float, images: int | None) -> str:
+    """The 95 % Wilson interval of an ONNX file's top-1 over the test images quantize ran it on."""
+    if not images:
+        return "–"
+    low, high = accuracy_interval(round(top1 * images / 100), int(images))
+    return f"{low:.2f}–{high:.2f}"
+
+
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequence[dict[str, Any]],
              export: dict[str, Any], quantize: dict[str, Any], benchmark: dict[str, Any] | None,
              tensorrt: dict[str, Any] | None, statistic: str,
-             provenance: dict[str, dict[str, Any]] | None = None) -> str:
-    """``reports/results.md``: the rows as a table, the budget picks, INT8 drop, parity, eager reference
-    and (when given, from :func:`provenance_sources`) the provenance of every input."""
+             provenance: dict[str, dict[str, Any]] | None = None,
+             significance: list[dict[str, Any]] | None = None) -> str:
+    """``reports/results.md``: the rows as a table with each top-1's 95 % interval, what distillation buys (when
+    given, from :func:`pipeline.report.significance.significance_rows`), the budget picks, INT8 drop, parity,
+    eager reference and (when given, from :func:`provenance_sources`) the provenance of every input."""
     names = [p["name"] for p in profiles]
     env = (benchmark or {}).get("environment", {})
     out = ["# Deployment results", ""]
@@ -113,17 +128,21 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
                 f"{'yes' if env.get('avx512_vnni') else 'no'}), onnxruntime {env.get('onnxruntime')}, "
                 "intra-op spinning off, warm-up excluded. Accuracy is each ONNX file's own, run by onnxruntime on "
                 f"the test split ({quantize.get('test_images', '?')} images).", ""]
-    head = ["model", "role", "precision", "top-1 %", "top-5 %", "params", "MMACs", "KiB"]
+    images = quantize.get("test_images")
+    head = ["model", "role", "precision", "top-1 %", "95 % interval", "top-5 %", "params", "MMACs", "KiB"]
     for n in names:
         head += [f"{n} p50 ms", f"{n} p99 ms"]
     out += ["## Models", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"`{r['run']}`", r["role"], r["precision"], _fmt(r["top1"]), _fmt(r["top5"]),
+        cells = [f"`{r['run']}`", r["role"], r["precision"], _fmt(r["top1"]), _interval(r["top1"], images),
+                 _fmt(r["top5"]),
                  _fmt(r["params"], ","), _fmt(None if r["macs"] is None else r["macs"] / 1e6, ".3f"),
                  _fmt(r["bytes"] / 1024, ".1f")]
         for n in names:
             cells += [_fmt(row_latency(r, n, "p50"), ".3f"), _fmt(row_latency(r, n, "p99"), ".3f")]
         out.append("| " + " | ".join(cells) + " |")
+    if significance:
+        out += [""] + significance_markdown(significance)[:-1]
     out += ["", f"## Best model under each profile's latency budget ({statistic})", "",
             "| profile | budget ms | pick | top-1 % | latency ms | Pareto front (fastest first) |", "|---|---|---|---|---|---|"]
     for n in names:
@@ -194,15 +213,18 @@ def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     statistic = params.report.latency_statistic
     rows = build_rows(export, quantize, benchmark, metrics, profiles)
     summary = summarize(rows, profiles, statistic)
+    evaluated = {r.pop("run"): r for r in collect_results(root)}  # the teacher too, when it is not exported
+    significance = significance_rows(evaluated, read_correct(root, list(evaluated)))
     sources = provenance_sources(export, quantize, benchmark, tensorrt, metrics,
                                  stage_provenance(params, ("benchmark", "report"), root))
-    result = {"rows": rows, "profiles": summary, "statistic": statistic,
+    result = {"rows": rows, "profiles": summary, "statistic": statistic, "significance": significance,
               "environment": benchmark.get("environment", {}),
               "tensorrt": None if tensorrt is None else {"status": tensorrt.get("status"),
                                                          "reason": tensorrt.get("reason")},
               "provenance": sources}
     pareto_plot(rows, profiles, statistic, root / REPORTS / "pareto.png", dpi=params.report.plot_dpi)
     atomic_write_text(root / REPORTS / "results.md",
-                      markdown(rows, summary, profiles, export, quantize, benchmark, tensorrt, statistic, sources))
+                      markdown(rows, summary, profiles, export, quantize, benchmark, tensorrt, statistic, sources,
+                               significance))
     atomic_write_json(root / REPORTS / "results.json", result)
     return result
