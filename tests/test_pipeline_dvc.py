@@ -59,16 +59,21 @@ def test_second_repro_skips_everything(workspace: Path):
     assert "didn't change" in out or "up to date" in out
 
 
-#: Stages whose outs are timings, different in any two runs.
-TIMED = {"benchmark", "report"}
+#: The Dask run's targets: every kind of training stage (teacher, student alone, offline and online
+#: distillation) and evaluation, with independent branches to run side by side.
+DASK_TARGETS = ["evaluate_distill@tinynet_s-kd", "evaluate_online@tinynet_s-dml", "evaluate_baseline@resnet8"]
+DASK_STAGES = {"train_teacher", "distill@tinynet_s-kd", "evaluate_distill@tinynet_s-kd", "online@tinynet_s-dml",
+               "evaluate_online@tinynet_s-dml", "train_student@resnet8", "evaluate_baseline@resnet8"}
 
 
 def test_a_concurrent_flow_on_a_dask_cluster_writes_the_dvc_lock_of_a_serial_repro(workspace: Path, tmp_path: Path):
     """`kdpipe run --dask local:2` (a real LocalCluster of 2 worker processes, two stages at a time), from a
-    clone of the same commit: DVC ends where the serial `dvc repro` ended, every hash equal but the timings'.
+    clone of the same commit: DVC ends where the serial `dvc repro` ended, every hash equal.
 
-    The thread runner (`--jobs 2`) runs the same loop (prepare and record on the host, commands in slots):
-    tests/test_flow_kill.py compares its dvc.lock with a serial repro's, tests/test_parallel_flow.py its scheduling.
+    Seven of the pipeline's stages, one of each kind (the deploy stages after them form a chain that runs one
+    stage at a time, as serially; tests/test_kill_points.py checks their outs byte for byte). The thread runner
+    (`--jobs 2`) runs the same loop (prepare and record on the host, commands in slots): tests/test_flow_kill.py
+    compares its dvc.lock with a serial repro's, tests/test_parallel_flow.py its scheduling.
     """
     pytest.importorskip("prefect_dask", reason="the dask extra is not installed: pip install -e '.[dask]'")
     ws = tmp_path / "clone"
@@ -76,15 +81,16 @@ def test_a_concurrent_flow_on_a_dask_cluster_writes_the_dvc_lock_of_a_serial_rep
     # as a user runs it: no Prefect server of one's own, so the flow starts Prefect's temporary server and gives
     # its address to the cluster's workers (the other tests share one server: tests/conftest.py prefect_api)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--dask", "local:2", "--no-record"], cwd=ws,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--dask", "local:2", "--no-record",
+                           *[a for t in DASK_TARGETS for a in ("--target", t)]], cwd=ws,
                           env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     serial = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
     flow = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
-    assert set(flow) == set(serial)
-    assert [s for s in serial if s not in TIMED and serial[s] != flow[s]] == []
-    assert json.loads(dvc(ws, "status", "--json")) == {}
-    assert "Running stage" not in dvc(ws, "repro")
+    assert set(flow) == DASK_STAGES
+    assert [s for s in flow if serial[s] != flow[s]] == []
+    assert json.loads(dvc(ws, "status", "--json", "--with-deps", *DASK_TARGETS)) == {}
+    assert "Running stage" not in dvc(ws, "repro", *DASK_TARGETS)
 
 
 @pytest.mark.parametrize(("edited", "rerun"), [
