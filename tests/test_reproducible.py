@@ -124,6 +124,13 @@ def test_train_json_and_metrics_record_provenance(twins):
     assert "git_revision" not in model_meta  # the weights file depends on params, code and libraries only
     metrics = json.loads(teacher.metrics_file(a).read_text())["provenance"]
     assert metrics["git_revision"] == revision and metrics["train_params_sha256"] == record["params_sha256"]
+    # MACs are counted once, by training, into the model file; evaluate reports that count of the same network
+    from pipeline.engine.checkpoint import load_model_file
+    from pipeline.models.complexity import count_macs
+
+    model, info = load_model_file(teacher.out_dir(a) / "model.pt")
+    assert model_meta["macs"] == count_macs(model, info["in_channels"], info["image_size"]) > 0
+    assert json.loads(teacher.metrics_file(a).read_text())["macs"] == model_meta["macs"]
 
 
 def test_another_commit_keeps_the_weights_bytes_and_records_its_revision(tmp_path, twins):
