@@ -38,6 +38,7 @@ def compare(ws: Path, env: dict[str, str], methods: str, student: str, how: list
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
+    (ws / "compare.log").write_text(proc.stdout + proc.stderr)  # kept with --keep: where the time went
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return dt, json.loads((ws / "reports" / "sweeps" / "bench.json").read_text())
