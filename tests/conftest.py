@@ -125,8 +125,8 @@ def fit_until_crash(epoch: int, *fit_args, **fit_kwargs) -> None:
 
 
 #: The files that take longest (minutes each: whole pipelines, clusters, servers), longest first. They are
-#: handed out first, so with one file per core (-n auto --dist loadfile) no core is left with a long file at
-#: the end while the others idle. Only the order depends on this list; a stale entry costs balance, not tests.
+#: handed out first, so with one file per worker (-n auto --dist loadfile) no worker is left with a long file
+#: at the end while the others idle. Only the order depends on this list; a stale entry costs balance, not tests.
 LONGEST_FIRST = ("test_pipeline_dvc.py", "test_kill_points.py", "test_deploy_dvc.py", "test_sweep_cluster.py",
                  "test_parallel_flow.py", "test_deployments.py", "test_flow_kill.py", "test_flows.py")
 

@@ -110,8 +110,8 @@ def significance_markdown(rows: list[dict[str, Any]]) -> list[str]:
             out.append("Within noise (the test set cannot tell them from the student alone): "
                        + ", ".join(f"`{r['run']}` ({r['vs_alone']:+.2f}, p = {r['p_value']:.2g})" for r in noise)
                        + ".")
-    gap_free = [r["student"] for r in rows if r["role"] == "baseline" and "teacher" in {x["run"] for x in rows}
-                and r["top1"] >= next(x["top1"] for x in rows if x["run"] == "teacher")]
+    teacher = next((x["top1"] for x in rows if x["run"] == "teacher"), None)
+    gap_free = [r["student"] for r in rows if r["role"] == "baseline" and teacher is not None and r["top1"] >= teacher]
     if gap_free:
         out.append(f"The student alone matches or beats the teacher for {', '.join(gap_free)}: there is no gap "
                    "to recover there, and distillation cannot show what it buys.")
