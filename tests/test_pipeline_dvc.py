@@ -24,7 +24,12 @@ def dvc(ws: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    params = tiny_params(students={"tinynet_s": {}, "resnet8": {"train": {"epochs": 1}}}, online={"methods": ["dml"]})
+    # one benchmark profile at batch 1, FP32 and INT8 (tests/test_deploy*.py cover variants and profiles)
+    params = tiny_params(students={"tinynet_s": {}, "resnet8": {"train": {"epochs": 1}}}, online={"methods": ["dml"]},
+                         benchmark={"warmup": 1, "iterations": 5, "max_seconds": 0.05, "torch_reference": False,
+                                    "variants": ["fp32", "int8"],
+                                    "profiles": [{"name": "edge-1core", "threads": 1, "batch_sizes": [1],
+                                                  "latency_budget_ms": 100.0}]})
     ws = make_workspace(tmp_path_factory.mktemp("ws"), params)
     dvc(ws, "repro")
     return ws
