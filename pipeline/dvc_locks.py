@@ -174,14 +174,14 @@ def _is_daemon(proc: psutil.Process) -> bool:
     the forked copy keeps the command's own command line (``dvc init``, ``dvc repro``)
     and only waits for the daemon, for as long as the daemon lives (a network timeout on
     a machine without network). Both are recognised: the daemon by its arguments, the
-    copy as a session leader whose every child is a daemon.
+    copy as a process whose every child is a daemon. (The copy is the second fork, so
+    it is not its session's leader; a DVC command itself never has a daemon as a child.)
     """
     try:
         if (_dvc_args(proc.cmdline()) or [None])[0] == "daemon":
             return True
         children = proc.children()
-        return (bool(children) and os.getsid(proc.pid) == proc.pid
-                and all((_dvc_args(c.cmdline()) or [None])[0] == "daemon" for c in children))
+        return bool(children) and all((_dvc_args(c.cmdline()) or [None])[0] == "daemon" for c in children)
     except (psutil.Error, ProcessLookupError):
         return True  # gone: it holds nothing
 

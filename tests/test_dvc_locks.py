@@ -193,15 +193,18 @@ def test_the_flow_in_progress_counts_as_busy_for_others(repo: Path):
 
 def test_dvc_daemons_do_not_count_and_a_just_ended_command_is_waited_for(repo: Path, tmp_path: Path):
     # stand-ins with DVC's command lines: `dvc daemon analytics` (DVC starts it as a command ends), the forked
-    # copy of the ended command (`dvc init`) that waits for its daemon as a session leader, a command that ends
-    # within the settle time, a long one
+    # copy of the ended command (`dvc init`) that waits for its daemon, a command that ends within the settle
+    # time, a long one
     fake = tmp_path / "site" / "dvc" / "__main__.py"
     fake.parent.mkdir(parents=True)
-    # each says it started, then runs until its hold file (the last argument) is removed; `init` first starts
-    # its own daemon child in a new session, as DVC's double fork leaves it
+    # each says it started, then runs until its hold file (the last argument) is removed; `init` first does
+    # DVC's double fork (fork, setsid, fork, the middle one exits), and the second copy starts the daemon and
+    # waits: a process in a session whose leader has gone, under the command line of the ended command
     fake.write_text("import os, subprocess, sys, time\n"
                     "if sys.argv[1] == 'init':\n"
                     "    os.setsid()\n"
+                    "    if os.fork() > 0:\n"
+                    "        os._exit(0)\n"
                     "    child = subprocess.Popen([sys.executable, sys.argv[0], 'daemon', 'updater', sys.argv[-1]],\n"
                     "                             stdout=subprocess.DEVNULL)\n"
                     "print('started', flush=True)\n"
