@@ -71,7 +71,7 @@ class BundleConfig(Strict):
         return v
 
 class DeviceProfile(Strict):
-    """How one kind of device runs a model: threads, batch sizes, execution providers, latency budget."""
+    """How one kind of device runs a model: threads, batch sizes, execution providers, latency and size budgets."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="profile name (letters, digits, _ . -)")
     threads: int = Field(1, ge=0, le=1024, description="intra-op threads; 0 = the runtime's default (all cores)")
@@ -79,6 +79,7 @@ class DeviceProfile(Strict):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1, description="onnxruntime execution providers, in order of preference")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field("all", description="onnxruntime graph optimisation level")
     latency_budget_ms: float | None = Field(None, gt=0.0, description="the report picks the most accurate model whose latency meets this budget")
+    size_budget_kib: float | None = Field(None, gt=0.0, description="largest model file (KiB) the device holds (its flash or the model's share of it); the report's pick must fit it")
 
     @field_validator("batch_sizes")
     @classmethod

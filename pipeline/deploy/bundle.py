@@ -76,6 +76,7 @@ def readme(manifest: dict[str, Any]) -> str:
         f"- `{p['name']}`: {p.get('threads') or 'all'} thread(s), batch sizes {p.get('batch_sizes')}, "
         f"providers {', '.join(p.get('providers', []))}"
         + (f", latency budget {p['latency_budget_ms']:g} ms" if p.get("latency_budget_ms") else "")
+        + (f", size budget {p['size_budget_kib']:g} KiB" if p.get("size_budget_kib") else "")
         for p in manifest.get("benchmark", {}).get("profiles", []))
     return f"""# {manifest['name']}
 

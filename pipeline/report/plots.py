@@ -3,7 +3,7 @@
 Each point is one deployed file (model x precision); colour is the precision, marker
 the role. The front (no other point both faster and more accurate) is drawn as a
 step line, its points numbered and named in a box, and the profile's latency budget
-as a dashed line. Matplotlib runs on the Agg backend (no display needed).
+as a dashed line; files over the profile's size budget are drawn hollow. Matplotlib runs on the Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -44,10 +44,13 @@ def pareto_plot(rows: Sequence[dict[str, Any]], profiles: Sequence[dict[str, Any
         if not pts:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
             continue
+        size = prof.get("size_budget_kib")
         for r, lat in pts:
-            ax.scatter(lat, r["top1"], c=COLOURS.get(r["precision"], "grey"), marker=MARKERS.get(r["role"], "o"),
-                       s=90 if r["role"] == "teacher" else 45, alpha=0.85, edgecolors="black", linewidths=0.4,
-                       zorder=3)
+            over = size is not None and r["bytes"] / 1024 > size  # hollow: the file does not fit the device
+            colour = COLOURS.get(r["precision"], "grey")
+            ax.scatter(lat, r["top1"], c="none" if over else colour, marker=MARKERS.get(r["role"], "o"),
+                       s=90 if r["role"] == "teacher" else 45, alpha=0.85, edgecolors=colour if over else "black",
+                       linewidths=1.2 if over else 0.4, zorder=3)
         front = pareto_front([(lat, r["top1"]) for r, lat in pts])
         fx = [pts[i][1] for i in front]
         fy = [pts[i][0]["top1"] for i in front]
@@ -74,6 +77,9 @@ def pareto_plot(rows: Sequence[dict[str, Any]], profiles: Sequence[dict[str, Any
     handles += [Line2D([], [], color="grey", marker=m, ls="", label=r) for r, m in MARKERS.items()]
     handles += [Line2D([], [], color="black", label="Pareto front"),
                 Line2D([], [], color="grey", ls="--", label="latency budget")]
+    if any(p.get("size_budget_kib") is not None for p in profiles):
+        handles.append(Line2D([], [], color="grey", marker="o", ls="", markerfacecolor="none",
+                              label="over the size budget"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle("Accuracy against latency of every deployed model (upper left is better)")
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))

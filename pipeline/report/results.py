@@ -1,4 +1,4 @@
-"""One row per deployed model x variant, the Pareto front, the pick under each latency budget.
+"""One row per deployed model x variant, the Pareto front, the pick under each profile's budgets.
 
 Inputs (written by earlier stages): ``reports/export.json`` (which models, roles,
 parity), ``reports/quantize.json`` (top-1/top-5 and size of every ONNX file, run by
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.report.metrics import collect_results
-from pipeline.report.rows import best_under_budget, build_rows, label, pareto_front, row_latency
+from pipeline.report.rows import best_under_budget, build_rows, fits, label, pareto_front, row_latency
 from pipeline.report.significance import read_correct, significance_markdown, significance_rows
 from pipeline.stats import accuracy_interval
 
@@ -33,25 +33,65 @@ def _read(path: Path, stage: str) -> Any:
     return read_json(path, stage)
 
 
-def summarize(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]], statistic: str) -> dict[str, Any]:
-    """Pareto front and budget pick per profile."""
+def summarize(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]], statistic: str,
+              test_images: int | None = None) -> dict[str, Any]:
+    """Pareto front, budget pick and the pick's explanation per profile.
+
+    The pick is the most accurate row that meets the profile's latency budget and fits its
+    size budget. ``why`` says in words how many rows fit, which more accurate rows were
+    left out and by which budget, and (given ``test_images``) how many fitting rows lie
+    inside the pick's 95 % interval, i.e. are not shown worse by this test set.
+    """
     out: dict[str, Any] = {}
     for prof in profiles:
         name = prof["name"]
         measured = [(i, row_latency(r, name, statistic)) for i, r in enumerate(rows)]
         measured = [(i, lat) for i, lat in measured if lat is not None]
         front = pareto_front([(lat, rows[i]["top1"]) for i, lat in measured])
-        budget = prof.get("latency_budget_ms")
-        pick = best_under_budget(rows, name, budget, statistic) if budget is not None else None
+        budget, size = prof.get("latency_budget_ms"), prof.get("size_budget_kib")
+        pick = best_under_budget(rows, name, budget, statistic, size) if budget is not None or size is not None \
+            else None
         out[name] = {
             "statistic": statistic,
             "pareto_front": [label(rows[measured[j][0]]) for j in front],
             "budget_ms": budget,
+            "size_budget_kib": size,
             "pick": None if pick is None else {"model": label(pick), "run": pick["run"], "precision": pick["precision"],
                                                "bundle": pick["bundle"], "top1": pick["top1"],
-                                               "latency_ms": row_latency(pick, name, statistic)},
+                                               "latency_ms": row_latency(pick, name, statistic),
+                                               "kib": round(pick["bytes"] / 1024, 1)},
+            "why": _explain_pick(rows, name, budget, size, statistic, pick, test_images)
+            if budget is not None or size is not None else "",
         }
     return out
+
+
+def _explain_pick(rows: list[dict[str, Any]], profile: str, budget: float | None, size: float | None,
+                  statistic: str, pick: dict[str, Any] | None, test_images: int | None) -> str:
+    """The budget pick in words: what fits, what more accurate rows each budget left out, what is within noise."""
+    reasons = {id(r): fits(r, profile, budget, size, statistic) for r in rows}
+    fitting = [r for r in rows if not reasons[id(r)]]
+    limits = " and ".join(x for x in (f"{statistic} <= {budget:g} ms" if budget is not None else "",
+                                      f"file <= {size:g} KiB" if size is not None else "") if x)
+    words = [f"{len(fitting)} of {len(rows)} models meet {limits}."]
+    if pick is None:
+        return " ".join(words + ["None fits, so there is no pick."])
+    words.append(f"The pick, {label(pick)}, is the most accurate of them ({pick['top1']:.2f} %).")
+    better = sorted((r for r in rows if reasons[id(r)] and r["top1"] > pick["top1"]), key=lambda r: -r["top1"])
+    if better:
+        shown = "; ".join(f"{label(r)} ({r['top1']:.2f} %: {', '.join(reasons[id(r)])})" for r in better[:3])
+        more = f" and {len(better) - 3} more" if len(better) > 3 else ""
+        words.append(f"More accurate but left out: {shown}{more}.")
+    else:
+        words.append("No model that misses the budgets is more accurate.")
+    if test_images:
+        low, high = accuracy_interval(round(pick["top1"] * test_images / 100), int(test_images))
+        close = [r for r in fitting if r is not pick and r["top1"] >= low]
+        words.append(f"{len(close)} other fitting models have top-1 inside the pick's 95 % interval "
+                     f"({low:.2f}-{high:.2f} %): on {test_images} test images the pick is not shown better than "
+                     "them." if close else f"No other fitting model reaches the pick's 95 % interval "
+                     f"({low:.2f}-{high:.2f} %).")
+    return " ".join(words)
 
 
 def provenance_sources(export: dict[str, Any], quantize: dict[str, Any], benchmark: dict[str, Any] | None,
@@ -143,14 +183,19 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
         out.append("| " + " | ".join(cells) + " |")
     if significance:
         out += [""] + significance_markdown(significance)[:-1]
-    out += ["", f"## Best model under each profile's latency budget ({statistic})", "",
-            "| profile | budget ms | pick | top-1 % | latency ms | Pareto front (fastest first) |", "|---|---|---|---|---|---|"]
+    out += ["", f"## Best model under each profile's budgets ({statistic} latency, file size)", "",
+            "| profile | latency budget ms | size budget KiB | pick | top-1 % | latency ms | KiB | "
+            "Pareto front (fastest first) |", "|---|---|---|---|---|---|---|---|"]
     for n in names:
         s = summary[n]
         pick = s["pick"]
-        out.append(f"| {n} | {_fmt(s['budget_ms'], 'g')} | {pick['model'] if pick else 'none meets the budget'} | "
+        out.append(f"| {n} | {_fmt(s['budget_ms'], 'g')} | {_fmt(s.get('size_budget_kib'), 'g')} | "
+                   f"{pick['model'] if pick else 'none meets the budgets'} | "
                    f"{_fmt(pick['top1']) if pick else '–'} | {_fmt(pick['latency_ms'], '.3f') if pick else '–'} | "
-                   f"{', '.join(s['pareto_front']) or '–'} |")
+                   f"{_fmt(pick.get('kib'), '.1f') if pick else '–'} | {', '.join(s['pareto_front']) or '–'} |")
+    whys = [f"- **{n}**: {summary[n]['why']}" for n in names if summary[n].get("why")]
+    if whys:
+        out += ["", "Why each pick:", ""] + whys
     out += ["", "## INT8 against FP32 (top-1 %)", "",
             "| model | FP32 | FP16 | INT8 | INT8 drop (points) | within budget | INT8 for TensorRT (symmetric) |",
             "|---|---|---|---|---|---|---|"]
@@ -212,7 +257,7 @@ def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     profiles = [p.model_dump(mode="json") for p in params.benchmark.profiles]
     statistic = params.report.latency_statistic
     rows = build_rows(export, quantize, benchmark, metrics, profiles)
-    summary = summarize(rows, profiles, statistic)
+    summary = summarize(rows, profiles, statistic, quantize.get("test_images"))
     evaluated = {r.pop("run"): r for r in collect_results(root)}  # the teacher too, when it is not exported
     significance = significance_rows(evaluated, read_correct(root, list(evaluated)))
     sources = provenance_sources(export, quantize, benchmark, tensorrt, metrics,

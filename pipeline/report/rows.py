@@ -67,13 +67,29 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def best_under_budget(rows: Sequence[dict[str, Any]], profile: str, budget_ms: float,
-                      statistic: str = "p50") -> dict[str, Any] | None:
-    """The most accurate row whose latency meets ``budget_ms`` (ties: faster, then smaller); None if none does."""
-    ok = [r for r in rows if (lat := row_latency(r, profile, statistic)) is not None and lat <= budget_ms]
+def fits(row: dict[str, Any], profile: str, budget_ms: float | None, size_kib: float | None,
+         statistic: str = "p50") -> list[str]:
+    """Why ``row`` does not meet a profile's budgets (empty when it does): latency over, unmeasured, file too large."""
+    why: list[str] = []
+    lat = row_latency(row, profile, statistic)
+    if budget_ms is not None:
+        if lat is None:
+            why.append("latency not measured")
+        elif lat > budget_ms:
+            why.append(f"{statistic} {lat:.3f} ms > {budget_ms:g} ms")
+    if size_kib is not None and row["bytes"] / 1024 > size_kib:
+        why.append(f"{row['bytes'] / 1024:.1f} KiB > {size_kib:g} KiB")
+    return why
+
+
+def best_under_budget(rows: Sequence[dict[str, Any]], profile: str, budget_ms: float | None,
+                      statistic: str = "p50", size_kib: float | None = None) -> dict[str, Any] | None:
+    """The most accurate row that meets the latency budget and fits the size budget (ties: faster, then
+    smaller); None if none does. A latency budget admits only measured rows."""
+    ok = [r for r in rows if not fits(r, profile, budget_ms, size_kib, statistic)]
     if not ok:
         return None
-    return min(ok, key=lambda r: (-r["top1"], row_latency(r, profile, statistic), r["bytes"]))
+    return min(ok, key=lambda r: (-r["top1"], row_latency(r, profile, statistic) or math.inf, r["bytes"]))
 
 
 def label(row: dict[str, Any]) -> str:
