@@ -166,7 +166,8 @@ def sweep_flow(
 
     table = exps.experiment_table(root)
     rows = aggregate(table, plan)
-    compare = compare_rows(table, plan, seconds) if methods or students else []
+    compare = compare_rows(table, plan, seconds, _paired_predictions(root, table, plan)) if methods or students \
+        else []
     listed = [{"name": e.name, "seed": e.seed, "overrides": e.overrides, "targets": list(e.targets),
                "status": "failed" if e.name in failures else "done", "seconds": seconds.get(e.name)} for e in plan]
     md = write_sweep(root, prefix, rows, compare, list(failures.values()), listed)
@@ -180,6 +181,24 @@ def sweep_flow(
                            f"logs are in {md})")
     return {"experiments": [e.name for e in plan], "table": rows, "compare": compare, "seconds": seconds,
             "ran": sorted(seconds)}
+
+
+def _paired_predictions(root: Path, table: list[dict[str, Any]],
+                        plan: list[exps.QueuedExperiment]) -> dict[str, dict[str, list[bool]]]:
+    """Per comparison experiment, the method's and the student alone's right/wrong per test image (their
+    confusion files, read from the experiment's outs), for each seed's paired test."""
+    from pipeline.report.significance import confusion_path, correct_of
+
+    revs = {e["name"]: e.get("rev") for e in table}
+    out: dict[str, dict[str, list[bool]]] = {}
+    for q in plan:
+        method, student, rev = q.labels.get("method"), q.labels.get("student"), revs.get(q.name)
+        if not method or not student or not rev:
+            continue
+        keys = {confusion_path(k): k for k in (f"{method}/{student}", f"baseline/{student}")}
+        texts = exps.read_outs(root, rev, list(keys))
+        out[q.name] = {keys[path]: correct_of(text) for path, text in texts.items()}
+    return out
 
 
 def _run_experiments(root: Path, rev: str, todo: list[exps.QueuedExperiment], waits: dict[str, set[str]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def test_repro_writes_every_deploy_artifact(workspace: Path):
     assert len(res["rows"]) == 9 and res["profiles"]["edge-1core"]["pick"] is not None
     md = (ws / "reports/results.md").read_text()
     assert md.startswith("# Deployment results") and "| 95 % interval |" in md
+    why = res["profiles"]["edge-1core"]["why"]  # the pick in words, in both files
+    assert re.match(r"\d of 9 models meet p50 <= 100 ms\. The pick, ", why) and f"- **edge-1core**: {why}" in md
     # what distillation buys: the KD student against the same student alone, on the same test images
     assert "## What distillation buys (PyTorch FP32, test split)" in md
     paired = {r["run"]: r for r in res["significance"]}

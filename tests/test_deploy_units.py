@@ -58,6 +58,34 @@ def test_summary_names_front_and_pick():
     assert label(rows[2]) == "a/baseline int8"
 
 
+def test_a_size_budget_leaves_out_the_large_files_and_the_pick_is_explained():
+    rows = [_row("teacher", "fp32", 98.0, 0.3, role="teacher", nbytes=400 * 1024),
+            _row("teacher", "int8", 97.5, 0.2, role="teacher", nbytes=300 * 1024),
+            _row("kd/a", "fp32", 96.0, 0.2, nbytes=40 * 1024), _row("dkd/a", "fp32", 95.0, 0.1, nbytes=40 * 1024),
+            _row("baseline/a", "fp32", 90.0, 0.1, role="baseline", nbytes=40 * 1024),
+            _row("at/a", "fp32", 97.0, 2.0, nbytes=40 * 1024)]
+    assert best_under_budget(rows, "edge", None, size_kib=256)["run"] == "at/a"  # size only: latency not asked
+    assert best_under_budget(rows, "edge", 1.0, size_kib=256)["run"] == "kd/a"  # both budgets
+    assert best_under_budget(rows, "edge", 1.0, size_kib=30) is None
+    s = summarize(rows, [{"name": "edge", "latency_budget_ms": 1.0, "size_budget_kib": 256}], "p50",
+                  test_images=400)["edge"]
+    assert s["pick"]["run"] == "kd/a" and s["pick"]["kib"] == 40.0 and s["size_budget_kib"] == 256
+    why = s["why"]
+    assert why.startswith("3 of 6 models meet p50 <= 1 ms and file <= 256 KiB.")
+    assert "The pick, a/kd fp32, is the most accurate of them (96.00 %)." in why
+    # the three more accurate rows, most accurate first, each with the budget it misses
+    assert ("teacher tinynet_l fp32 (98.00 %: 400.0 KiB > 256 KiB); teacher tinynet_l int8 (97.50 %: 300.0 KiB > "
+            "256 KiB); a/at fp32 (97.00 %: p50 2.000 ms > 1 ms)") in why
+    # 96 % of 400 images: Wilson interval 93.60-97.52 %, which holds dkd (95 %) but not the baseline (90 %)
+    assert "1 other fitting models have top-1 inside the pick's 95 % interval (93.60-97.52 %)" in why
+    s = summarize(rows[2:5], [{"name": "edge", "latency_budget_ms": 1.0}], "p50", test_images=4000)["edge"]
+    assert "No model that misses the budgets is more accurate." in s["why"]
+    assert "No other fitting model reaches the pick's 95 % interval" in s["why"]  # 4000 images: 95 % is outside
+    assert summarize(rows, [{"name": "edge"}], "p50")["edge"]["why"] == ""  # no budget, no pick
+    none = summarize(rows, [{"name": "edge", "size_budget_kib": 1}], "p50")["edge"]
+    assert none["pick"] is None and none["why"].endswith("None fits, so there is no pick.")
+
+
 def test_build_rows_joins_the_stage_reports():
     export = {"models": {"kd/a": {"role": "distilled", "student": "a", "method": "kd", "arch": "a", "bundle": "a-kd"}}}
     quantize = {"models": {"kd/a": {"fp32": {"top1": 90.0, "top5": 99.0, "bytes": 4000},
@@ -241,6 +269,7 @@ def test_deploy_defaults_are_the_issue_defaults():
     ("benchmark", {"profiles": [{"name": "a", "batch_sizes": [8, 1]}]}, "strictly increasing"),
     ("benchmark", {"profiles": [{"name": "a"}, {"name": "a"}]}, "unique"),
     ("benchmark", {"profiles": [{"name": "a b"}]}, "benchmark.profiles.0.name"),
+    ("benchmark", {"profiles": [{"name": "a", "size_budget_kib": 0}]}, "benchmark.profiles.0.size_budget_kib"),
     ("report", {"latency_statistic": "mean"}, "report.latency_statistic"),
 ])
 def test_bad_deploy_params_name_the_key(section, body, needle):

@@ -113,10 +113,15 @@ def test_a_comparison_through_a_dvc_remote_pairs_each_method_with_its_student_al
         assert rows[(method, "tinynet_s")]["gain_mean"] == pytest.approx(gain, abs=1e-3)
         ran = next(e for e in report["experiments"] if e["name"] == f"cmp-{method}-tinynet_s-s0")
         assert rows[(method, "tinynet_s")]["wall_s_mean"] == pytest.approx(ran["seconds"], abs=0.1)  # its own run's
+        # the seed's paired test, on the predictions read from the experiment's outs (pulled from the remote):
+        # the images only one of the two gets right differ by exactly the gain in images
+        (seed,) = rows[(method, "tinynet_s")]["per_seed"]
+        n = m[f"metrics/{method}/tinynet_s.json"]["test_samples"]
+        assert seed["only_model"] - seed["only_alone"] == round(gain * n / 100) and 0 < seed["p_value"] <= 1
     # the second experiment waited for the first, then restored its teacher through the remote's run-cache
     assert started(starts)["stages.train_teacher"] == 1
     md = (ws / "reports" / "sweeps" / "cmp.md").read_text()
-    assert "| kd | tinynet_s | 1 |" in md and "student alone" in md
+    assert "| kd | tinynet_s | 1 |" in md and "student alone" in md and "### Each seed against its student alone" in md
 
 
 def test_bad_comparisons_and_remotes_are_refused_in_one_line_before_anything_runs(tmp_path: Path, capsys):

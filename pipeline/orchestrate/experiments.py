@@ -190,7 +190,7 @@ def _topological(shared: Mapping[str, tuple[list[str], list[str]]]) -> list[str]
 
 
 def experiment_table(root: Path) -> list[dict[str, Any]]:
-    """Every experiment ``dvc exp show`` lists, as {name, params (flat), metrics {file: dict}}."""
+    """Every experiment ``dvc exp show`` lists, as {name, rev (its commit), params (flat), metrics {file: dict}}."""
     with open_repo(root) as repo:
         data = [exp.dumpd() for exp in repo.experiments.show(fetch_running=False)]
     rows: list[dict[str, Any]] = []
@@ -199,7 +199,8 @@ def experiment_table(root: Path) -> list[dict[str, Any]]:
         d = rev.get("data") or {}
         params = ((d.get("params") or {}).get("params.yaml") or {}).get("data") or {}
         metrics = {f: (v or {}).get("data") or {} for f, v in (d.get("metrics") or {}).items()}
-        rows.append({"name": rev.get("name") or rev.get("rev"), "params": flatten(params), "metrics": metrics})
+        rows.append({"name": rev.get("name") or rev.get("rev"), "rev": rev.get("rev"), "params": flatten(params),
+                     "metrics": metrics})
 
     for base in data:
         add(base)
@@ -207,3 +208,18 @@ def experiment_table(root: Path) -> list[dict[str, Any]]:
             for rev in exp.get("revs") or []:
                 add(rev)
     return rows
+
+
+def read_outs(root: Path, rev: str, paths: Sequence[str]) -> dict[str, str]:
+    """The text of each of ``paths`` as experiment (or commit) ``rev`` recorded it, DVC outs included (read from
+    the cache, where the sweep put or pulled them); paths that rev lacks are left out."""
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(str(root), rev=rev)
+    out: dict[str, str] = {}
+    for path in paths:
+        try:
+            out[path] = fs.read_text(path)
+        except (FileNotFoundError, OSError):
+            continue
+    return out

@@ -17,13 +17,23 @@ from typing import Any
 from pipeline.stats import ALPHA, accuracy_interval, gap_recovered, paired_test
 
 
+def confusion_path(key: str) -> str:
+    """Where the evaluate stage of run ``key`` writes its per-image predictions, relative to the workspace."""
+    return f"plots/confusion/{key}.json"
+
+
+def correct_of(confusion_json: str) -> list[bool]:
+    """Whether each test image was right, from the text of a confusion file (``[{actual, predicted}, ...]``)."""
+    return [r["actual"] == r["predicted"] for r in json.loads(confusion_json)]
+
+
 def read_correct(root: Path, keys: list[str]) -> dict[str, list[bool]]:
     """Per run, whether it got each test image right (from its confusion rows); runs without the file are left out."""
     out: dict[str, list[bool]] = {}
     for key in keys:
-        f = root / "plots" / "confusion" / f"{key}.json"
+        f = root / confusion_path(key)
         if f.is_file():
-            out[key] = [r["actual"] == r["predicted"] for r in json.loads(f.read_text())]
+            out[key] = correct_of(f.read_text())
     return out
 
 

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.stats import ALPHA, gap_recovered, paired_test
+
 METRICS = ("top1", "top5", "nll", "ece")
 
 
@@ -63,15 +65,19 @@ def aggregate(experiments: Iterable[dict[str, Any]], plan: Iterable[Any]) -> lis
 
 
 def compare_rows(experiments: Iterable[dict[str, Any]], plan: Iterable[Any],
-                 seconds: dict[str, float] | None = None) -> list[dict[str, Any]]:
+                 seconds: dict[str, float] | None = None,
+                 correct: dict[str, dict[str, list[bool]]] | None = None) -> list[dict[str, Any]]:
     """One row per (method, student) of a comparison: top-1 over seeds, and the gain over the student alone.
 
     The gain is paired: in each seed's experiment, the method's model minus the student
     trained alone with that seed (both in the same experiment), then mean and sample std
-    of those differences. ``seconds``: each experiment's wall time.
+    of those differences, and of the gap recovered. ``correct``: per experiment, each
+    run's right/wrong per test image; with it, each seed also gets its exact McNemar
+    test against that seed's student alone, and the row counts the seeds significant at
+    0.05. ``seconds``: each experiment's wall time.
     """
     by_name = {e["name"]: e for e in experiments}
-    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
+    cells: dict[tuple[str, str], dict[str, list[Any]]] = {}
     for q in plan:
         method, student = q.labels.get("method"), q.labels.get("student")
         exp = by_name.get(q.name)
@@ -82,24 +88,41 @@ def compare_rows(experiments: Iterable[dict[str, Any]], plan: Iterable[Any],
         teacher = exp["metrics"].get("metrics/teacher.json", {}).get("top1")
         if not isinstance(model, int | float) or not isinstance(alone, int | float):
             continue
-        cell = cells.setdefault((method, student), {"top1": [], "alone": [], "gain": [], "teacher": [], "s": [],
-                                                    "seeds": []})
+        cell = cells.setdefault((method, student), {"top1": [], "alone": [], "gain": [], "teacher": [], "gap": [],
+                                                    "s": [], "per_seed": []})
         cell["top1"].append(float(model))
         cell["alone"].append(float(alone))
         cell["gain"].append(float(model) - float(alone))
-        cell["seeds"].append(q.seed)
+        seed: dict[str, Any] = {"seed": q.seed, "top1": float(model), "alone": float(alone),
+                                "gain": round(float(model) - float(alone), 4)}
         if isinstance(teacher, int | float):
             cell["teacher"].append(float(teacher))
+            gap = gap_recovered(float(model), float(alone), float(teacher))
+            seed["gap_recovered"] = gap
+            if gap is not None:
+                cell["gap"].append(gap)
+        right = (correct or {}).get(q.name, {})
+        mine, theirs = right.get(f"{method}/{student}"), right.get(f"baseline/{student}")
+        if mine is not None and theirs is not None and len(mine) == len(theirs):
+            t = paired_test(mine, theirs)
+            seed.update({"only_model": t.only_model, "only_alone": t.only_reference, "p_value": t.p_value,
+                         "significant": t.significant})
+        cell["per_seed"].append(seed)
         if seconds and q.name in seconds:
             cell["s"].append(seconds[q.name])
     rows: list[dict[str, Any]] = []
     for (method, student), c in cells.items():
         row: dict[str, Any] = {"method": method, "student": student, "seeds": len(c["top1"])}
-        for key in ("top1", "alone", "gain", "teacher"):
+        for key in ("top1", "alone", "gain", "teacher", "gap"):
             if c[key]:
-                row[f"{key}_mean"], row[f"{key}_std"] = (round(x, 4) for x in _mean_std(c[key]))
-        row["per_seed"] = [{"seed": sd, "top1": t, "alone": a} for sd, t, a in zip(c["seeds"], c["top1"], c["alone"],
-                                                                                     strict=True)]
+                name = "gap_recovered" if key == "gap" else key
+                row[f"{name}_mean"], row[f"{name}_std"] = (round(x, 4) for x in _mean_std(c[key]))
+        row["per_seed"] = sorted(c["per_seed"], key=lambda d: d["seed"])
+        tested = [d for d in c["per_seed"] if "p_value" in d]
+        if tested:
+            row["paired_seeds"] = len(tested)
+            row["better_seeds"] = sum(d["significant"] and d["gain"] > 0 for d in tested)
+            row["worse_seeds"] = sum(d["significant"] and d["gain"] < 0 for d in tested)
         if c["s"]:
             row["wall_s_mean"] = round(sum(c["s"]) / len(c["s"]), 1)
         rows.append(row)
@@ -117,13 +140,31 @@ def sweep_markdown(rows: Sequence[dict[str, Any]], name: str, compare: Sequence[
     if compare:
         out += ["## Methods against the student alone", "",
                 "Top-1 % on the test split, mean ± sample standard deviation over seeds. The gain is paired: "
-                "each seed's model minus the student trained alone with the same seed, in the same experiment.", "",
-                "| method | student | seeds | top-1 % | student alone % | gain (points) | teacher % | wall s / run |",
-                "|---|---|---|---|---|---|---|---|"]
+                "each seed's model minus the student trained alone with the same seed, in the same experiment; "
+                "gap recovered = (model - alone) / (teacher - alone). Each seed's exact McNemar test (on the test "
+                f"images only one of the two gets right) counts as significant at p < {ALPHA:g}.", "",
+                "| method | student | seeds | top-1 % | student alone % | gain (points) | gap recovered | "
+                "seeds significantly better / worse | teacher % | wall s / run |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in compare:
             wall = f"{r['wall_s_mean']:.1f}" if "wall_s_mean" in r else "—"
+            sig = f"{r['better_seeds']} / {r['worse_seeds']} of {r['paired_seeds']}" if "paired_seeds" in r else "—"
             out.append(f"| {r['method']} | {r['student']} | {r['seeds']} | {pm(r, 'top1', '.2f')} | "
-                       f"{pm(r, 'alone', '.2f')} | {pm(r, 'gain', '+.2f')} | {pm(r, 'teacher', '.2f')} | {wall} |")
+                       f"{pm(r, 'alone', '.2f')} | {pm(r, 'gain', '+.2f')} | {pm(r, 'gap_recovered', '+.2f')} | "
+                       f"{sig} | {pm(r, 'teacher', '.2f')} | {wall} |")
+        out += ["", "### Each seed against its student alone", "",
+                "| method | student | seed | top-1 % | alone % | gain | only it right | only alone right | "
+                "McNemar p | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in compare:
+            for d in r.get("per_seed", []):
+                if "p_value" in d:
+                    word = (("better" if d["gain"] > 0 else "worse") + ", significant") if d["significant"] \
+                        else "within noise"
+                    tail = f"{d['only_model']} | {d['only_alone']} | {d['p_value']:.3g} | {word}"
+                else:
+                    tail = "— | — | — | no per-image predictions"
+                out.append(f"| {r['method']} | {r['student']} | {d['seed']} | {d['top1']:.2f} | {d['alone']:.2f} | "
+                           f"{d['gain']:+.2f} | {tail} |")
         out += ["", "## Every model", ""]
     out += ["Test metrics, mean ± sample standard deviation over seeds.", "",
             "| configuration | model | seeds | top-1 % | NLL | ECE |", "|---|---|---|---|---|---|"]
