@@ -264,6 +264,22 @@ def test_recipe_is_valid_and_holds_the_paper_protocol(name: str):
     assert _keys(raw) == _keys(p.model_dump(mode="json")), "regenerate with: python recipes/make_recipes.py"
 
 
+def test_the_fashion_mnist_recipe_runs_every_method_with_the_phases_in_the_papers_share():
+    path = REPO / "recipes" / "fashion_mnist.yaml"
+    p = load_params(path)
+    assert p.data.name == "fashion_mnist" and p.data.train_fraction == 0.1 and p.data.val_fraction == 0.05
+    assert set(p.distill.methods) == set(OFFLINE) and set(p.online.methods) == {"dml", "one", "okddip", "ekd"}
+    assert p.student_train("tinynet_xs").epochs == 10 and p.teacher_train().epochs == 15
+    # 30, 60 and 20 of the papers' 240 epochs, over 10; CRD: 16384 of 50,000 images, over 5,700
+    assert (p.distill.ab.init_epochs, p.distill.sskd.head_epochs, p.distill.dkd.warmup_epochs,
+            p.distill.reviewkd.warmup_epochs) == (1, 2, 1, 1)
+    assert p.distill.crd.nce_k == round(16384 * 5700 / 50000)
+    edge = next(q for q in p.benchmark.profiles if q.name == "edge-1core")
+    assert edge.threads == 1 and edge.size_budget_kib == 256
+    raw = yaml.safe_load(path.read_text())
+    assert _keys(raw) == _keys(p.model_dump(mode="json")), "regenerate with: python recipes/make_recipes.py"
+
+
 def _keys(d: dict, prefix: str = "") -> set[str]:
     out = set()
     for k, v in d.items():
