@@ -97,7 +97,8 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     if len(raw) != expected:
         raise BadDatasetError(f"{path} holds {len(raw)} bytes, but its header {dims} needs {expected}"
                               f"{' (cut short)' if len(raw) < expected else ''}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    # a writable array (np.frombuffer on bytes is read-only, and torch warns on wrapping one)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 def find_idx_folder(layout: IdxLayout, root: str | None) -> Path:
