@@ -3,7 +3,8 @@
 Each point is one deployed file (model x precision); colour is the precision, marker
 the role. The front (no other point both faster and more accurate) is drawn as a
 step line, its points numbered and named in a box, and the profile's latency budget
-as a dashed line; files over the profile's size budget are drawn hollow. Matplotlib runs on the Agg backend (no display needed).
+as a dashed line; files over the profile's size budget are drawn hollow. Matplotlib runs
+on the Agg backend (no display needed).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.report.metrics import collect_results
-from pipeline.report.rows import best_under_budget, build_rows, fits, label, pareto_front, row_latency
+from pipeline.report.rows import best_under_budget, build_rows, label, misses_budgets, pareto_front, row_latency
 from pipeline.report.significance import read_correct, significance_markdown, significance_rows
 from pipeline.stats import accuracy_interval
 
@@ -69,7 +69,7 @@ def summarize(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]], st
 def _explain_pick(rows: list[dict[str, Any]], profile: str, budget: float | None, size: float | None,
                   statistic: str, pick: dict[str, Any] | None, test_images: int | None) -> str:
     """The budget pick in words: what fits, what more accurate rows each budget left out, what is within noise."""
-    reasons = {id(r): fits(r, profile, budget, size, statistic) for r in rows}
+    reasons = {id(r): misses_budgets(r, profile, budget, size, statistic) for r in rows}
     fitting = [r for r in rows if not reasons[id(r)]]
     limits = " and ".join(x for x in (f"{statistic} <= {budget:g} ms" if budget is not None else "",
                                       f"file <= {size:g} KiB" if size is not None else "") if x)

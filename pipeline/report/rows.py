@@ -67,7 +67,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def fits(row: dict[str, Any], profile: str, budget_ms: float | None, size_kib: float | None,
+def misses_budgets(row: dict[str, Any], profile: str, budget_ms: float | None, size_kib: float | None,
          statistic: str = "p50") -> list[str]:
     """Why ``row`` does not meet a profile's budgets (empty when it does): latency over, unmeasured, file too large."""
     why: list[str] = []
@@ -86,10 +86,14 @@ def best_under_budget(rows: Sequence[dict[str, Any]], profile: str, budget_ms: f
                       statistic: str = "p50", size_kib: float | None = None) -> dict[str, Any] | None:
     """The most accurate row that meets the latency budget and fits the size budget (ties: faster, then
     smaller); None if none does. A latency budget admits only measured rows."""
-    ok = [r for r in rows if not fits(r, profile, budget_ms, size_kib, statistic)]
+    ok = [r for r in rows if not misses_budgets(r, profile, budget_ms, size_kib, statistic)]
     if not ok:
         return None
-    return min(ok, key=lambda r: (-r["top1"], row_latency(r, profile, statistic) or math.inf, r["bytes"]))
+    def latency(r: dict[str, Any]) -> float:  # a size-only budget admits unmeasured rows: they rank last
+        lat = row_latency(r, profile, statistic)
+        return math.inf if lat is None else lat
+
+    return min(ok, key=lambda r: (-r["top1"], latency(r), r["bytes"]))
 
 
 def label(row: dict[str, Any]) -> str:
