@@ -87,10 +87,10 @@ def _explain_pick(rows: list[dict[str, Any]], profile: str, budget: float | None
     if test_images:
         low, high = accuracy_interval(round(pick["top1"] * test_images / 100), int(test_images))
         close = [r for r in fitting if r is not pick and r["top1"] >= low]
-        words.append(f"{len(close)} other fitting models have top-1 inside the pick's 95 % interval "
-                     f"({low:.2f}-{high:.2f} %): on {test_images} test images the pick is not shown better than "
-                     "them." if close else f"No other fitting model reaches the pick's 95 % interval "
-                     f"({low:.2f}-{high:.2f} %).")
+        some = "1 other fitting model has" if len(close) == 1 else f"{len(close)} other fitting models have"
+        words.append(f"{some} top-1 inside the pick's 95 % interval ({low:.2f}-{high:.2f} %): on {test_images} "
+                     f"test images the pick is not shown better than {'it' if len(close) == 1 else 'them'}."
+                     if close else f"No other fitting model reaches the pick's 95 % interval ({low:.2f}-{high:.2f} %).")
     return " ".join(words)
 
 
