@@ -70,28 +70,28 @@ def leaderboard(compare: list[dict[str, Any]], results: dict[str, Any], quantize
                 profile: str) -> list[str]:
     """The markdown table: one row per method, best mean top-1 first, then the student alone and the teacher."""
     lat = {(r["run"], r["precision"]): (r["latency"].get(profile) or {}).get("p50_ms") for r in results["rows"]}
+
+    def deployed(run: str) -> str:  # seed 0's INT8 drop and latencies of one run's ONNX files
+        drop = (quantize["models"].get(run) or {}).get("int8_top1_drop")
+        fp32, int8 = lat.get((run, "fp32")), lat.get((run, "int8"))
+        return (f"{'—' if drop is None else f'{drop:+.2f}'} | "
+                f"{'—' if fp32 is None else f'{fp32:.3f}'} / {'—' if int8 is None else f'{int8:.3f}'}")
+
     out = ["| method | seeds | top-1 % | gain over alone (points) | seeds significantly better / worse | "
            "gap recovered | INT8 drop (points, seed 0) | " + f"{profile} p50 ms FP32 / INT8 (seed 0) | wall s / run |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(compare, key=lambda r: -r["top1_mean"]):
         run = f"{r['method']}/{r['student']}"
-        drop = (quantize["models"].get(run) or {}).get("int8_top1_drop")
-        fp32, int8 = lat.get((run, "fp32")), lat.get((run, "int8"))
         sig = f"{r['better_seeds']} / {r['worse_seeds']} of {r['paired_seeds']}" if "paired_seeds" in r else "—"
         out.append(f"| {r['method']} | {r['seeds']} | {pm(r['top1_mean'], r['top1_std'])} | "
                    f"{pm(r['gain_mean'], r['gain_std'], '+.2f')} | {sig} | "
                    f"{pm(r.get('gap_recovered_mean'), r.get('gap_recovered_std'), '+.2f')} | "
-                   f"{'—' if drop is None else f'{drop:+.2f}'} | "
-                   f"{'—' if fp32 is None else f'{fp32:.3f}'} / {'—' if int8 is None else f'{int8:.3f}'} | "
+                   f"{deployed(run)} | "
                    f"{r.get('wall_s_mean', '—')} |")
     first = compare[0]
-    student = first["student"]
-    for who, key, role in (("student alone", f"baseline/{student}", "alone"), ("teacher", "teacher", "teacher")):
-        drop = (quantize["models"].get(key) or {}).get("int8_top1_drop")
-        fp32, int8 = lat.get((key, "fp32")), lat.get((key, "int8"))
+    for who, key, role in (("student alone", f"baseline/{first['student']}", "alone"), ("teacher", "teacher", "teacher")):
         out.append(f"| *{who}* | {first['seeds']} | {pm(first.get(f'{role}_mean'), first.get(f'{role}_std'))} | "
-                   f"— | — | — | {'—' if drop is None else f'{drop:+.2f}'} | "
-                   f"{'—' if fp32 is None else f'{fp32:.3f}'} / {'—' if int8 is None else f'{int8:.3f}'} | — |")
+                   f"— | — | — | {deployed(key)} | — |")
     return out
 
 
