@@ -85,7 +85,7 @@ def _explain_pick(rows: list[dict[str, Any]], profile: str, budget: float | None
     else:
         words.append("No model that misses the budgets is more accurate.")
     if test_images:
-        low, high = accuracy_interval(round(pick["top1"] * test_images / 100), int(test_images))
+        low, high = _top1_interval(pick["top1"], test_images)
         close = [r for r in fitting if r is not pick and r["top1"] >= low]
         some = "1 other fitting model has" if len(close) == 1 else f"{len(close)} other fitting models have"
         words.append(f"{some} top-1 inside the pick's 95 % interval ({low:.2f}-{high:.2f} %): on {test_images} "
@@ -144,11 +144,16 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
+def _top1_interval(top1: float, images: int) -> tuple[float, float]:
+    """The 95 % Wilson interval of an ONNX file's top-1 (%) over the ``images`` test images quantize ran it on."""
+    return accuracy_interval(round(top1 * images / 100), int(images))
+
+
 def _interval(top1: float, images: int | None) -> str:
-    """The 95 % Wilson interval of an ONNX file's top-1 over the test images quantize ran it on."""
+    """:func:`_top1_interval` as the table shows it."""
     if not images:
         return "–"
-    low, high = accuracy_interval(round(top1 * images / 100), int(images))
+    low, high = _top1_interval(top1, images)
     return f"{low:.2f}–{high:.2f}"
 
 
