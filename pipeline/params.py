@@ -114,12 +114,16 @@ def _check_resolved_recipes(params: Params, source: str) -> None:
     (``teacher.train.epochs: 3`` under ``train.schedule.warmup_epochs: 5``) or break a
     rule only the whole recipe checks (``milestones: [0]``).
     """
-    runs = [("teacher.train", params.teacher.train)]
-    runs += [(f"students.{name}.train", s.train) for name, s in params.students.items()]
+    runs = [("teacher", params.teacher)]
+    runs += [(f"students.{name}", s) for name, s in params.students.items()]
     problems = []
-    for where, overrides in runs:
+    for owner, section in runs:
+        where, overrides = f"{owner}.train", section.train
         try:
-            overrides.apply(params.train)
+            epochs = overrides.apply(params.train).epochs
+            if section.freeze_epochs >= epochs:
+                problems.append(f"  {owner}.freeze_epochs: {section.freeze_epochs} leaves no epoch to fine-tune "
+                                f"the pretrained part; it must be below the run's {epochs} epochs")
         except ValidationError as err:
             for e in err.errors():
                 loc = tuple(e["loc"])

@@ -23,6 +23,7 @@ from pipeline.models import (
     register_model,
 )
 from pipeline.models.torchvision_models import rgb_filters_to, wrap_torchvision
+from pipeline.models.weights import WeightsError
 
 # Parameter counts at num_classes=100, in_channels=3 of the CRD benchmark networks
 # (HobbitLong/RepDistiller models/: resnet.py, wrn.py, vgg.py with batch norm,
@@ -241,7 +242,7 @@ def test_build_rejects_bad_shapes(kwargs: dict[str, int]) -> None:
 
 
 def test_zoo_models_refuse_weight_files(tmp_path) -> None:
-    with pytest.raises(ValueError, match="only torchvision models take pretrained weight files"):
+    with pytest.raises(ValueError, match="only torchvision and timm/<name> models take pretrained weight files"):
         build("resnet8", num_classes=10, weights=str(tmp_path / "w.pt"))
 
 
@@ -285,7 +286,7 @@ def test_rgb_filters_to_other_channel_counts() -> None:
 
 def test_missing_weights_file_names_the_path(tmp_path) -> None:
     missing = tmp_path / "nowhere" / "resnet18.pth"
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(WeightsError, match="not found .*nowhere"):
         build("resnet18", num_classes=10, weights=str(missing))
 
 
@@ -295,5 +296,5 @@ def test_unreadable_or_mismatched_weights_file(tmp_path, resnet18_weights) -> No
     with pytest.raises(ValueError, match="garbage.pth"):
         build("resnet18", num_classes=10, weights=str(garbage))
     path, _ = resnet18_weights
-    with pytest.raises(ValueError, match="does not fit torchvision 'resnet34'"):
+    with pytest.raises(ValueError, match="does not fit 'torchvision resnet34': 96 missing keys"):
         build("resnet34", num_classes=10, weights=path)

@@ -10,7 +10,14 @@ from pipeline.config.base import Strict
 
 
 def check_model_name(name: str) -> str:
-    """``name`` if the model registry knows it, else a ValueError listing the names it knows."""
+    """``name`` if the model registry (or, for ``timm/<name>``, the installed timm) knows it, else a ValueError."""
+    if name.startswith("timm/"):
+        from pipeline.models.timm_models import check_timm_name  # lazy: imports timm
+
+        try:
+            return check_timm_name(name)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
     from pipeline.models import available  # lazy: the registry imports torch
 
     names = available()
@@ -117,11 +124,27 @@ class TrainOverrides(Strict):
             data["schedule"]["milestones"] = self.milestones
         return TrainConfig.model_validate(data)
 
-class TeacherConfig(Strict):
+class Pretrained(Strict):
+    """Local pretrained weights and how to fine-tune from them (a teacher's or a student's)."""
+
+    weights: str | None = Field(None, description="local weights file (.pth or .safetensors) of a torchvision or timm/<name> model; nothing is downloaded")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="the pretrained part trains at this share of the lr; the new head at the full lr")
+    freeze_epochs: int = Field(0, ge=0, description="the pretrained part is not updated for this many first epochs (its batch-norm statistics still are)")
+
+    @model_validator(mode="after")
+    def _needs_weights(self) -> Pretrained:
+        if self.weights is None:
+            for key, value, default in (("backbone_lr_scale", self.backbone_lr_scale, 1.0),
+                                        ("freeze_epochs", self.freeze_epochs, 0)):
+                if value != default:
+                    raise ValueError(f"{key}={value} applies to pretrained weights, but weights is null; "
+                                     "set weights to a local file or drop the key")
+        return self
+
+class TeacherConfig(Pretrained):
     """The teacher: its architecture, optional local pretrained weights, and its route checkpoints."""
 
     model: str = "tinynet_l"
-    weights: str | None = Field(None, description="local torchvision weights file (torchvision models only)")
     route_every: int = Field(5, ge=1, description="keep a teacher checkpoint every N epochs (RCO, early-stopped teachers)")
     train: TrainOverrides = Field(default_factory=TrainOverrides)
 
@@ -130,7 +153,7 @@ class TeacherConfig(Strict):
     def _known_model(cls, v: str) -> str:
         return check_model_name(v)
 
-class StudentConfig(Strict):
+class StudentConfig(Pretrained):
     """One student: the key in `students:` is its model name; these are its own recipe changes."""
 
     train: TrainOverrides = Field(default_factory=TrainOverrides)

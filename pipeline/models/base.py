@@ -33,7 +33,7 @@ class ModelOutput:
 
     logits: Tensor
     stages: list[Tensor]
-    preact: list[Tensor]
+    preact: list[Tensor | None]
     embedding: Tensor
 
 
@@ -51,6 +51,8 @@ class FeatureInfo:
 
     stages: list[StageInfo] = field(default_factory=list)
     embedding_dim: int = 0
+    #: stage indices whose pre-activation map the model cannot expose (their ``preact`` entry is None)
+    preact_missing: tuple[int, ...] = ()
 
     @property
     def channels(self) -> list[int]:
@@ -107,11 +109,34 @@ class BlockStage(Stage):
         raise AssertionError("unreachable: a BlockStage always has a last block")
 
 
-class StagedNet(nn.Module):
-    """A classification network with a positional feature API.
+class FeatureNet(nn.Module):
+    """What every network of the registry offers a distillation method: logits and features by position.
 
     ``forward`` returns logits only, so the deployed and exported network is the
-    plain model; ``forward_features`` returns a :class:`ModelOutput` for methods.
+    plain model; ``forward_features`` returns a :class:`ModelOutput`;
+    ``feature_info`` describes the stages without running the model;
+    ``pretrained_keys`` names the state-dict entries loaded from a weights file (empty
+    when trained from scratch), which fine-tuning treats as the pretrained backbone.
+    """
+
+    feature_info: FeatureInfo
+    num_classes: int
+    pretrained_keys: frozenset[str] = frozenset()
+
+    def forward_features(self, x: Tensor) -> ModelOutput:
+        """Full forward pass with every intermediate a distillation method may need."""
+        raise NotImplementedError
+
+    def export_form(self) -> nn.Module:
+        """The network to export: itself, or an equivalent re-parameterised copy (fused branches)."""
+        return self
+
+
+class StagedNet(FeatureNet):
+    """A network assembled as stem -> stages -> neck -> pool -> pre_logits -> classifier.
+
+    Besides the feature API it can be split at a stage boundary (shared low layers
+    and branch heads for ONE and OKDDip), since its parts are attributes.
     """
 
     def __init__(
@@ -188,8 +213,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def feature_shapes(model: StagedNet, in_channels: int, image_size: int) -> dict[str, list[tuple[int, ...]]]:
-    """Shapes (without batch) of every stage output and of the embedding, probed on zeros."""
+def feature_shapes(model: FeatureNet, in_channels: int, image_size: int) -> dict[str, list[tuple[int, ...]]]:
+    """Shapes (without batch) of every stage output and of the embedding, probed on zeros.
+
+    A pre-activation the model cannot expose has the shape of its stage's output
+    (methods check ``feature_info.preact_missing`` before they use one).
+    """
     was_training = model.training
     model.eval()
     try:
@@ -199,6 +228,6 @@ def feature_shapes(model: StagedNet, in_channels: int, image_size: int) -> dict[
         model.train(was_training)
     return {
         "stages": [tuple(t.shape[1:]) for t in out.stages],
-        "preact": [tuple(t.shape[1:]) for t in out.preact],
+        "preact": [tuple((p if p is not None else t).shape[1:]) for p, t in zip(out.preact, out.stages, strict=True)],
         "embedding": [tuple(out.embedding.shape[1:])],
     }

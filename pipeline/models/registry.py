@@ -10,45 +10,24 @@ a model class. Factories are plain functions::
 and :func:`build` is the only way to make a network from a name. Families whose
 factories can load a local pretrained weight file (torchvision) register with
 ``accepts_weights=True``; their factory then also takes ``weights``.
+
+Names of the form ``timm/<name>`` are not registered: they are resolved by
+:mod:`pipeline.models.timm_models` against the installed timm when built, so every
+timm model is available without importing timm where none is used.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import UserError
+from .base import FeatureNet
+from .errors import UnknownModelError
 
-from .base import StagedNet
+__all__ = ["ModelEntry", "UnknownModelError", "available", "build", "families", "model_info", "register_model"]
 
-Factory = Callable[..., StagedNet]
-
-
-class UnknownModelError(UserError, KeyError, ValueError):
-    """A model name that is not registered.
-
-    It is a ``KeyError`` (a failed lookup) and a ``ValueError`` (a bad config value),
-    so callers can catch either. The message names the bad name and lists the
-    allowed ones.
-    """
-
-    def __init__(self, name: str, allowed: list[str]) -> None:
-        self.name = name
-        self.allowed = allowed
-        close = difflib.get_close_matches(name, allowed, n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        self.message = f"unknown model {name!r}{hint}; available models: {', '.join(allowed)}"
-        super().__init__(self.message)
-
-    def __str__(self) -> str:
-        # KeyError.__str__ would repr() the message and wrap it in quotes.
-        return self.message
-
-    def __reduce__(self) -> tuple[type[UnknownModelError], tuple[str, list[str]]]:
-        # Rebuild from (name, allowed), so the error survives pickling (worker processes).
-        return (type(self), (self.name, self.allowed))
+Factory = Callable[..., FeatureNet]
 
 
 @dataclass(frozen=True)
@@ -118,6 +97,11 @@ def families() -> list[str]:
 
 def model_info(name: str) -> dict[str, Any]:
     """What the registry knows about ``name``: family, description, whether it takes weights."""
+    from . import timm_models
+
+    if timm_models.is_timm_name(name):
+        return {"name": name, "family": timm_models.FAMILY, "description": timm_models.timm_description(name),
+                "accepts_weights": True}
     e = _entry(name)
     return {"name": e.name, "family": e.family, "description": e.description, "accepts_weights": e.accepts_weights}
 
@@ -134,28 +118,32 @@ def build(
     in_channels: int = 3,
     image_size: int = 32,
     weights: str | None = None,
-) -> StagedNet:
-    """Build the registered model ``name`` for data with the given shape.
+) -> FeatureNet:
+    """Build the registered model ``name`` (or ``timm/<name>``) for data with the given shape.
 
     ``in_channels`` sets the first convolution, ``num_classes`` the classifier and
     ``image_size`` (side of the square input) lets a model drop downsampling that
-    would shrink a feature map below 1x1. ``weights`` is a local torchvision
-    state_dict file, accepted only by torchvision models; nothing is downloaded.
+    would shrink a feature map below 1x1. ``weights`` is a local state_dict file,
+    accepted by torchvision and timm models; nothing is downloaded.
     """
-    entry = _entry(name)
+    from . import timm_models
+
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("in_channels", in_channels)
     _check_positive_int("image_size", image_size)
+    if timm_models.is_timm_name(name):
+        return timm_models.build_timm(name, num_classes, in_channels, image_size, weights=weights)
+    entry = _entry(name)
     if entry.accepts_weights:
         model = entry.factory(num_classes, in_channels, image_size, weights=weights)
     else:
         if weights is not None:
             raise ValueError(
                 f"model {name!r} (family {entry.family!r}) cannot load the weights file {weights!r}: "
-                f"only torchvision models take pretrained weight files "
-                f"({', '.join(n for n, e in sorted(_REGISTRY.items()) if e.accepts_weights)})"
+                f"only torchvision and timm/<name> models take pretrained weight files "
+                f"({', '.join(n for n, e in sorted(_REGISTRY.items()) if e.accepts_weights)}, timm/...)"
             )
         model = entry.factory(num_classes, in_channels, image_size)
-    if not isinstance(model, StagedNet):
-        raise TypeError(f"factory of {name!r} returned {type(model).__name__}, expected a StagedNet")
+    if not isinstance(model, FeatureNet):
+        raise TypeError(f"factory of {name!r} returned {type(model).__name__}, expected a FeatureNet")
     return model

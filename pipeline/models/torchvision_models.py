@@ -46,7 +46,7 @@ torchvision does.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from .base import BlockStage, Stage, StagedNet, StageInfo
 from .registry import register_model
 from .shufflenet import channel_shuffle
+from .weights import fit_state, read_state_file
 
 if TYPE_CHECKING:  # torchvision is imported on first use: it costs seconds at every stage start
     from torchvision import models as tvm
@@ -72,39 +73,6 @@ def _tvm():
 
 FAMILY = "torchvision"
 IMAGENET_CLASSES = 1000
-
-
-# ---------------------------------------------------------------- weights files
-
-
-def load_torchvision_weights(model: nn.Module, path: str | Path, name: str) -> None:
-    """Load a torchvision ``state_dict`` file into ``model`` (strict, CPU, tensors only).
-
-    The file is read with ``weights_only=True``: a weights file is data, never code.
-    Every failure names the file and says what was expected.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file for {name!r} not found (or not a file): {p}")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable, truncated, or not a tensor-only pickle
-        raise ValueError(f"cannot read weights file {p} for {name!r}: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"weights file {p} for {name!r} does not hold a state_dict (a mapping of names to tensors); "
-            f"got {type(state).__name__}"
-        )
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ValueError(f"weights file {p} does not fit torchvision {name!r}: {exc}") from exc
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"weights file {p} does not fit torchvision {name!r}: "
-            f"{len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
-            f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}"
-        )
 
 
 # ---------------------------------------------------------------- adaptation
@@ -364,22 +332,40 @@ def _wrap_features(tv: nn.Module, spec: _FeaturesSpec, classifier: nn.Linear) ->
 def torchvision_model(
     name: str, num_classes: int, in_channels: int = 3, weights: str | Path | None = None
 ) -> StagedNet:
-    """Build torchvision's ``name`` (no download), load ``weights`` if given, adapt, wrap.
+    """Build torchvision's ``name`` (no download), adapt it to the data, load ``weights`` if given, wrap.
 
-    The weights file must be a state_dict of the unmodified torchvision model
-    (1000-class head, RGB input); it is loaded before the classifier and first
-    convolution are adapted, so the backbone keeps the pretrained values.
+    The weights file is a state_dict of torchvision's ``name`` (``.pth`` or
+    ``.safetensors``) with any class count: a classifier of another size stays newly
+    initialised, an RGB first convolution is mapped onto ``in_channels``
+    (:func:`rgb_filters_to`); every other tensor must fit exactly.
     """
     if name not in _LINEAR_INIT:
         raise ValueError(f"no torchvision wrapper for {name!r}; known: {', '.join(sorted(_LINEAR_INIT))}")
     tv: nn.Module = getattr(_tvm(), name)(weights=None)
-    if weights is not None:
-        load_torchvision_weights(tv, weights, name)
-    _adapt_classifier(tv, _classifier_path(name), num_classes, _LINEAR_INIT[name])
+    head = _classifier_path(name)
+    _adapt_classifier(tv, head, num_classes, _LINEAR_INIT[name])
+    first = _first_conv_path(name)
     if in_channels != 3:
         kaiming = not name.startswith("shufflenet")  # torchvision's ShuffleNetV2 keeps default init
-        _adapt_first_conv(tv, _first_conv_path(name), in_channels, pretrained=weights is not None, kaiming=kaiming)
-    return wrap_torchvision(tv, name)
+        _adapt_first_conv(tv, first, in_channels, pretrained=False, kaiming=kaiming)
+    loaded: frozenset[str] = frozenset()
+    if weights is not None:
+        state = read_state_file(weights, name)
+        own = tv.state_dict()
+        new_head = {k for k in (f"{head}.weight", f"{head}.bias")
+                    if k not in state or tuple(state[k].shape) != tuple(own[k].shape)}
+        adapt = {f"{first}.weight": lambda w: rgb_filters_to(w, in_channels)} if in_channels != 3 else {}
+        loaded = fit_state(tv, state, weights, f"torchvision {name}", new=new_head.__contains__, adapt=adapt)
+    net = wrap_torchvision(tv, name)
+    if loaded:
+        net.pretrained_keys = keys_of_shared_tensors(tv, net, loaded)
+    return net
+
+
+def keys_of_shared_tensors(source: nn.Module, target: nn.Module, keys: frozenset[str]) -> frozenset[str]:
+    """The names in ``target``'s state dict of the tensors ``source`` holds under ``keys`` (modules shared)."""
+    ids = {id(t) for k, t in source.state_dict(keep_vars=True).items() if k in keys}
+    return frozenset(k for k, t in target.state_dict(keep_vars=True).items() if id(t) in ids)
 
 
 def wrap_torchvision(tv: nn.Module, name: str) -> StagedNet:

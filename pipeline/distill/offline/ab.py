@@ -11,7 +11,14 @@ from torch import Tensor, nn
 from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext, Phase
 from pipeline.distill.losses import ab_loss, hinton_terms
-from pipeline.distill.offline.common import ConvRegressor, paired_stages, probe, require_staged, setup_error
+from pipeline.distill.offline.common import (
+    ConvRegressor,
+    paired_stages,
+    probe,
+    require_preact,
+    require_staged,
+    setup_error,
+)
 from pipeline.distill.registry import register_method
 
 
@@ -93,6 +100,8 @@ class AB(Distiller):
         require_staged(self.name, ctx, student, teacher)
         s_shapes, t_shapes = probe(student, ctx)["preact"], probe(teacher, ctx)["preact"]
         self.pairs = paired_stages(len(s_shapes), len(t_shapes), cfg.stages)
+        require_preact(self.name, ctx, "student", student, [i for i, _ in self.pairs])
+        require_preact(self.name, ctx, "teacher", teacher, [j for _, j in self.pairs])
         for i, j in self.pairs:
             if not ConvRegressor.fits(s_shapes[i], t_shapes[j]):
                 raise setup_error(

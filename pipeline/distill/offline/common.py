@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pipeline.distill.base import MethodContext, MethodSetupError, freeze
 from pipeline.engine.checkpoint import CheckpointError, load_torch, load_weights
-from pipeline.models import StagedNet, build, feature_shapes
+from pipeline.models import FeatureNet, build, feature_shapes
 
 ROUTE_FORMAT = "kdpipe-route/1"
 _ROUTE_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")
@@ -29,15 +29,31 @@ def setup_error(method: str, ctx: MethodContext, what: str) -> MethodSetupError:
 
 
 def require_staged(method: str, ctx: MethodContext, student: nn.Module, teacher: nn.Module) -> None:
-    """Feature methods need the positional feature API (``forward_features``) on both networks."""
+    """Feature methods need the positional feature API (``forward_features``) and stage maps on both networks."""
     for role, net in (("student", student), ("teacher", teacher)):
-        if not isinstance(net, StagedNet):
+        if not isinstance(net, FeatureNet):
             raise setup_error(method, ctx, f"the {role} ({type(net).__name__}) has no feature API (forward_features)")
+        if not net.feature_info.stages:
+            raise setup_error(method, ctx, f"the {role} exposes no stage feature maps")
+
+
+def require_preact(method: str, ctx: MethodContext, role: str, net: nn.Module, indices: list[int]) -> None:
+    """Methods that compare pre-activation maps need them at every stage they use; name the first missing one."""
+    assert isinstance(net, FeatureNet)
+    missing = [i for i in indices if i in net.feature_info.preact_missing]
+    if missing:
+        arch = ctx.student_arch if role == "student" else ctx.teacher_arch
+        raise setup_error(
+            method, ctx,
+            f"it needs the {role}'s pre-activation maps at stages {sorted(set(indices))}, but {arch} ends stage"
+            f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} in an activation whose input its "
+            "feature API does not expose (timm's forward_intermediates gives the activated map)",
+        )
 
 
 def probe(model: nn.Module, ctx: MethodContext) -> dict[str, list[tuple[int, ...]]]:
     """Per-sample shapes of a model's stage outputs and embedding at the run's input size."""
-    assert isinstance(model, StagedNet)
+    assert isinstance(model, FeatureNet)
     return feature_shapes(model, ctx.in_channels, ctx.image_size)
 
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from pipeline.config.base import Strict
 from pipeline.distill.base import Distiller, MethodContext
 from pipeline.distill.losses import hcl_loss
-from pipeline.distill.offline.common import paired_stages, probe, ramp, require_staged
+from pipeline.distill.offline.common import paired_stages, probe, ramp, require_preact, require_staged
 from pipeline.distill.registry import register_method
 
 
@@ -79,6 +79,9 @@ class ReviewKD(Distiller):
         s_shapes, t_shapes = probe(student, ctx), probe(teacher, ctx)
         s_key = "preact" if cfg.student_preact else "stages"
         self.pairs = paired_stages(len(s_shapes[s_key]), len(t_shapes["preact"]), cfg.stages)
+        require_preact(self.name, ctx, "teacher", teacher, [j for _, j in self.pairs])
+        if cfg.student_preact:
+            require_preact(self.name, ctx, "student", student, [i for i, _ in self.pairs])
         s_levels = [s_shapes[s_key][i] for i, _ in self.pairs] + [(student.feature_info.embedding_dim, 1, 1)]
         t_levels = [t_shapes["preact"][j] for _, j in self.pairs] + [(teacher.feature_info.embedding_dim, 1, 1)]
         mid = min(cfg.max_mid_channels, student.feature_info.embedding_dim)

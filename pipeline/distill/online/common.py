@@ -254,8 +254,14 @@ class MultiBranchNet(nn.Module):
         return net.to(device=ref.device, dtype=ref.dtype)
 
 
-def resolve_split(method: str, arch: str, net: StagedNet, shared_stages: int | None) -> int:
+def resolve_split(method: str, arch: str, net: nn.Module, shared_stages: int | None) -> int:
     """Number of shared stages (null: all but the last), checked against the architecture."""
+    if not isinstance(net, StagedNet):
+        raise MethodSetupError(
+            f"{method}: {arch} cannot be split into shared low layers and branches: {method} needs a registry model "
+            "assembled as stem + stages (`kdpipe models`), and a timm model runs as one network; "
+            "dml and ekd train whole networks and take timm models"
+        )
     n = len(net.stages)
     split = n - 1 if shared_stages is None else shared_stages
     if not 0 <= split < n:
