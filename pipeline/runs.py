@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel
 
 from pipeline.config.base import ConfigError
-from pipeline.config.training import TrainConfig
+from pipeline.config.training import Pretrained, TrainConfig
 from pipeline.data import DataSplits, build_data
 from pipeline.distill import MethodContext, Vanilla, build_method
 from pipeline.distill.online.common import OnlineDistiller, ensemble_metrics, load_ensemble, save_ensemble
@@ -34,6 +34,7 @@ from pipeline.engine.checkpoint import load_model_file, save_model_file
 from pipeline.engine.device import pick_device
 from pipeline.engine.evaluation import classification_metrics, predict
 from pipeline.engine.loop import RunSpec, fit
+from pipeline.engine.optim import Finetune
 from pipeline.models import build, count_parameters
 from pipeline.models.complexity import count_macs
 from pipeline.params import ONLINE_METHODS, Params
@@ -64,9 +65,28 @@ def _plan(params: Params, run: RunId, root: Path) -> tuple[str, TrainConfig, dic
             extra["method"] = run.method
             extra["method_params"] = online_method_params(params, str(run.method)).model_dump(mode="json")
             extra["teacher_arch"] = params.teacher.model  # EKD's evolving teacher defaults to it
+    section = pretrained_section(params, run)
+    if section.weights is not None:  # the file's bytes, not only its path, decide what a run trains
+        weights = Path(section.weights)
+        extra["pretrained"] = {"weights": section.weights, "sha256": file_sha256(weights) if weights.is_file() else None,
+                               "backbone_lr_scale": section.backbone_lr_scale, "freeze_epochs": section.freeze_epochs}
     fp = {"run": run.key, "arch": arch, "seed": params.seed, "data": params.data.model_dump(mode="json"),
           "train": cfg.model_dump(mode="json"), **extra}
     return arch, cfg, fp
+
+
+def pretrained_section(params: Params, run: RunId) -> Pretrained:
+    """The params section holding a run's pretrained weights: the teacher's, or its student's."""
+    return params.teacher if run.role == "teacher" else params.students[params.check_student(run.arch)]
+
+
+def finetune_of(model: torch.nn.Module, section: Pretrained) -> Finetune | None:
+    """How ``model``'s pretrained parameters train (None without a weights file)."""
+    if section.weights is None:
+        return None
+    keys = getattr(model, "pretrained_keys", frozenset())
+    return Finetune(pretrained=tuple(p for n, p in model.named_parameters() if n in keys),
+                    lr_scale=section.backbone_lr_scale, freeze_epochs=section.freeze_epochs)
 
 
 def online_method_params(params: Params, method: str) -> BaseModel:
@@ -90,10 +110,10 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
     """
     data = build_data(params.data, params.seed)
     arch, cfg, fp = _plan(params, run, root)
-    weights = params.teacher.weights if run.role == "teacher" else None
+    section = pretrained_section(params, run)
     torch.manual_seed(params.seed)
     model = build(arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                  image_size=data.image_size, weights=weights)
+                  image_size=data.image_size, weights=section.weights)
     if run.role == "distill":
         teacher = load_teacher(root, data)
         method_params = getattr(params.distill, str(run.method))
@@ -127,7 +147,8 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
         label=run.key, state_dir=state_dir / "main", fingerprint=fingerprint,
         route_every=params.teacher.route_every if run.role == "teacher" else None,
     )
-    result = fit(task, data.train, data.val, cfg, params.seed, spec, num_workers=workers)
+    result = fit(task, data.train, data.val, cfg, params.seed, spec, num_workers=workers,
+                 finetune=finetune_of(model, section))
     facts = task.finalize(result.history)
     out = run.out_dir(root)
     if not distributed.is_main():

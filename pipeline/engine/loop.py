@@ -34,7 +34,7 @@ from pipeline.engine.atomic import atomic_write_json
 from pipeline.engine.checkpoint import STATE_FORMAT, CheckpointError, load_torch, save_torch
 from pipeline.engine.device import autocast, pick_device
 from pipeline.engine.evaluation import predict, topk_accuracy
-from pipeline.engine.optim import build_optimizer, build_scheduler
+from pipeline.engine.optim import Finetune, build_optimizer, build_scheduler
 from pipeline.engine.progress import Progress
 from pipeline.engine.seeding import reseed_worker_for_rank, rng_state, seed_epoch, seed_everything, set_rng_state
 from pipeline.engine.trainable import Trainable
@@ -129,8 +129,12 @@ def fit(
     spec: RunSpec,
     num_workers: int = 0,
     device: torch.device | None = None,
+    finetune: Finetune | None = None,
 ) -> FitResult:
     """Train ``task`` for ``cfg.epochs`` epochs, resuming from ``spec.state_dir`` when possible.
+
+    ``finetune`` names the pretrained parameters, trained at a scaled lr and frozen
+    for its first epochs (:class:`~pipeline.engine.optim.Finetune`).
 
     Launched by torchrun with several processes, the run is data-parallel (module
     docstring); ``cfg.batch_size`` is then the global batch, split over the ranks.
@@ -149,8 +153,8 @@ def fit(
         task.to(memory_format=torch.channels_last)
     use_amp = cfg.amp and device.type == "cuda"
 
-    optimizer = build_optimizer(task.trainable_parameters(), cfg)
-    scheduler = build_scheduler(optimizer, cfg)
+    optimizer = build_optimizer(task.trainable_parameters(), cfg, finetune)
+    scheduler = build_scheduler(optimizer, cfg, finetune)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: list[dict[str, float]] = []
     start_epoch = 0
