@@ -179,6 +179,21 @@ def test_parity_failure_names_the_worst_image(ws, tmp_path):
     assert f"{diff.max():.3g}" in msg and "tolerance 0.0001" in msg
 
 
+def test_parity_tolerance_grows_with_the_logit_only_by_its_relative_part():
+    from pipeline.deploy.export import compare_logits
+
+    ref = np.array([[624.0, -3.0], [1.0, 2.0]], dtype=np.float32)
+    got = ref + np.array([[6e-4, 0.0], [0.0, 0.0]], dtype=np.float32)  # float32 noise on a logit of 624
+    assert compare_logits(ref, got, 1e-4, "big", rtol=1e-5)["max_abs_logit"] == 624.0
+    with pytest.raises(ParityError, match=r"atol 0.0001 \+ rtol 0 x the image's largest \|logit\| 624"):
+        compare_logits(ref, got, 1e-4, "big")
+    beside = ref + np.array([[0.0, 6e-4], [0.0, 0.0]], dtype=np.float32)  # beside a logit of 624: rounding too
+    assert compare_logits(ref, beside, 1e-4, "beside", rtol=1e-5)["max_abs_diff"] > 1e-4
+    small = ref + np.array([[0.0, 0.0], [0.0, 6e-4]], dtype=np.float32)  # on an image with logits of 2: not noise
+    with pytest.raises(ParityError, match="at test image 1"):
+        compare_logits(ref, small, 1e-4, "small", rtol=1e-5)
+
+
 def test_export_refuses_a_batch_of_one(tmp_path):
     with pytest.raises(DeployError, match="at least 2"):
         export_onnx(build("tinynet_xs", 4, 3, 8), tmp_path / "m.onnx", in_channels=3, image_size=8, opset=18,

@@ -100,6 +100,7 @@ def test_a_failing_parity_check_stops_the_stage_with_one_line(workspace: Path):
     ws = workspace
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["export"]["parity_atol"] = 1e-12  # ONNX Runtime and PyTorch differ by ~1e-6: this must fail
+    params["export"]["parity_rtol"] = 0.0
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = subprocess.run(["python", "-m", "stages.export"], cwd=ws, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr

@@ -16,7 +16,8 @@ class ExportConfig(Strict):
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the export; 18 by default, 17 for older runtimes")
     example_batch: int = Field(2, ge=2, le=256, description="batch of the example input the exporter traces; >= 2 so the batch dimension stays symbolic")
     include_teacher: bool = Field(True, description="export (and quantize, bundle, benchmark) the teacher as well, for reference")
-    parity_atol: float = Field(1e-4, gt=0.0, le=1.0, description="largest |logit difference| allowed between ONNX Runtime and PyTorch on any test image")
+    parity_atol: float = Field(1e-4, gt=0.0, le=1.0, description="largest |logit difference| allowed between ONNX Runtime and PyTorch on any test image (plus parity_rtol x |logit|)")
+    parity_rtol: float = Field(1e-5, ge=0.0, le=0.1, description="relative part of the parity tolerance: float32 rounding grows with a logit's size")
     batch_size: int = Field(256, ge=1, le=65536, description="batch size of the parity and accuracy runs")
 
 class QuantizeConfig(Strict):

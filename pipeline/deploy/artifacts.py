@@ -79,8 +79,8 @@ class Deployable:
     def bundle_name(self) -> str:
         """Folder name of this model's bundle: one path component, no slashes."""
         if self.role == "teacher":
-            return f"teacher-{self.arch}"
-        return f"{self.student}-{'baseline' if self.role == 'baseline' else self.method}"
+            return f"teacher-{self.arch}".replace("/", "-")
+        return f"{self.student}-{'baseline' if self.role == 'baseline' else self.method}".replace("/", "-")
 
     def model_file(self, root: Path) -> Path:
         """The trained model file (``runs/<run>/model.pt``)."""
