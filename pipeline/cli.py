@@ -8,6 +8,7 @@ methods, validate params, and inspect or clear stale DVC locks.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from pipeline.models import available
     from pipeline.models.registry import model_info
 
+    if args.source == "timm":
+        from pipeline.models.timm_models import list_timm
+
+        names = list_timm(args.pattern)
+        for name in names:
+            print(name)
+        print(f"{len(names)} timm models" + (f" matching {args.pattern!r}" if args.pattern else "")
+              + "; use one as teacher.model or a students key (nothing is downloaded)", file=sys.stderr)
+        return 0 if names else 1
     for name in available(args.family):
+        if args.pattern and not fnmatch.fnmatchcase(name, args.pattern if any(c in args.pattern for c in "*?[")
+                                                    else f"*{args.pattern}*"):
+            continue
         info = model_info(name)
         print(f"{name:22s} {info['family']:14s} {info.get('description', '')}")
     return 0
@@ -229,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     set_defaults()  # before any command imports Prefect
     ap = argparse.ArgumentParser(prog="kdpipe", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("models", help="list the model registry")
+    m = sub.add_parser("models", help="list the model registry (or, with --source timm, the installed timm's models)")
+    m.add_argument("pattern", nargs="?", help="only names matching this glob (or containing this text)")
     m.add_argument("--family")
+    m.add_argument("--source", choices=["registry", "timm"], default="registry",
+                   help="registry: the registered models; timm: every model of the installed timm, as timm/<name>")
     m.set_defaults(fn=_cmd_models)
     sub.add_parser("methods", help="list distillation methods").set_defaults(fn=_cmd_methods)
     c = sub.add_parser("check", help="validate a params file")

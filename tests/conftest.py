@@ -63,7 +63,7 @@ def write_params(path: Path, params: dict, complete: bool = True) -> Path:
 def make_workspace(dest: Path, params: dict) -> Path:
     """A git + DVC repository holding the project's pipeline code and the given params."""
     dest.mkdir(parents=True, exist_ok=True)
-    for item in ("pipeline", "stages"):
+    for item in ("pipeline", "stages", "pretrained"):
         shutil.copytree(REPO / item, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
     for item in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy2(REPO / item, dest / item)
@@ -178,3 +178,14 @@ def prefect_api(tmp_path_factory) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def tiny() -> dict:
     return tiny_params()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for a module's tests (restored after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

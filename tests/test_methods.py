@@ -38,11 +38,8 @@ def _params(**distill: dict):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Tiny convolutions run faster on one thread on a shared 2-core machine."""
 
 
 @pytest.fixture(scope="module")
