@@ -14,7 +14,7 @@ from pipeline.distill import Vanilla
 from pipeline.engine.atomic import atomic_write, atomic_write_text
 from pipeline.engine.checkpoint import CheckpointError, load_model_file, load_torch, save_model_file, state_digest
 from pipeline.engine.loop import NonFiniteLossError, RunSpec, fit
-from pipeline.engine.optim import lr_factor
+from pipeline.engine.optim import Finetune, build_optimizer, build_scheduler, lr_factor
 from pipeline.models import build
 from pipeline.params import parse_params
 from tests.conftest import fit_until_crash, tiny_params
@@ -207,3 +207,23 @@ def test_atomic_writes_clear_what_killed_writers_left(tmp_path: Path):
         (d / "v").write_text("new")
     assert (tmp_path / "d" / "v").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir() if ".d." in p.name) == []
+
+
+def test_finetune_freezes_then_scales_the_pretrained_group_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))  # [0] pretrained, [1] a new head
+    cfg = TrainConfig(epochs=4, optimizer={"lr": 0.1}, schedule=ScheduleConfig(name="constant"))
+    tune = Finetune(pretrained=tuple(model[0].parameters()), lr_scale=0.25, freeze_epochs=2)
+    opt = build_optimizer(model.parameters(), cfg, tune)
+    sched = build_scheduler(opt, cfg, tune)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]  # the head first, then the backbone
+    seen = []
+    for _ in range(4):
+        seen.append([g["lr"] for g in opt.param_groups])
+        before = model[0].weight.detach().clone()
+        opt.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+        frozen = torch.equal(model[0].weight, before)
+        assert frozen == (len(seen) <= 2), len(seen)  # not updated while frozen, updated after
+        sched.step()
+    assert seen == [[0.1, 0.0], [0.1, 0.0], [0.1, 0.025], [0.1, 0.025]]
