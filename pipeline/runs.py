@@ -66,8 +66,8 @@ def _plan(params: Params, run: RunId, root: Path) -> tuple[str, TrainConfig, dic
             extra["method_params"] = online_method_params(params, str(run.method)).model_dump(mode="json")
             extra["teacher_arch"] = params.teacher.model  # EKD's evolving teacher defaults to it
     section = pretrained_section(params, run)
-    if section.weights is not None:  # the file's bytes, not only its path, decide what a run trains
-        weights = Path(section.weights)
+    weights = weights_file(section, root)
+    if weights is not None:  # the file's bytes, not only its path, decide what a run trains
         extra["pretrained"] = {"weights": section.weights, "sha256": file_sha256(weights) if weights.is_file() else None,
                                "backbone_lr_scale": section.backbone_lr_scale, "freeze_epochs": section.freeze_epochs}
     fp = {"run": run.key, "arch": arch, "seed": params.seed, "data": params.data.model_dump(mode="json"),
@@ -78,6 +78,14 @@ def _plan(params: Params, run: RunId, root: Path) -> tuple[str, TrainConfig, dic
 def pretrained_section(params: Params, run: RunId) -> Pretrained:
     """The params section holding a run's pretrained weights: the teacher's, or its student's."""
     return params.teacher if run.role == "teacher" else params.students[params.check_student(run.arch)]
+
+
+def weights_file(section: Pretrained, root: Path) -> Path | None:
+    """A section's weights file, a relative path taken from the workspace root (None without one)."""
+    if section.weights is None:
+        return None
+    path = Path(section.weights)
+    return path if path.is_absolute() else root / path
 
 
 def finetune_of(model: torch.nn.Module, section: Pretrained) -> Finetune | None:
@@ -112,8 +120,9 @@ def train(params: Params, run: RunId, root: Path = Path(".")) -> Path:
     arch, cfg, fp = _plan(params, run, root)
     section = pretrained_section(params, run)
     torch.manual_seed(params.seed)
+    weights = weights_file(section, root)
     model = build(arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                  image_size=data.image_size, weights=section.weights)
+                  image_size=data.image_size, weights=None if weights is None else str(weights))
     if run.role == "distill":
         teacher = load_teacher(root, data)
         method_params = getattr(params.distill, str(run.method))

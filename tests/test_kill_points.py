@@ -119,6 +119,10 @@ def cache_problems(ws: Path) -> tuple[list[str], int]:
     data they hold. Anything else (a leftover temp file) is a problem too.
     """
     from dvc.utils import dict_sha256
+    from dvc.utils.serialize import (  # DVC's YAML 1.2 reader: PyYAML reads a dumped 1e-05 as a string
+        YAMLFileCorruptedError,
+        parse_yaml,
+    )
 
     problems, checked = [], 0
     for f in sorted((ws / ".dvc" / "cache").rglob("*")):
@@ -129,8 +133,8 @@ def cache_problems(ws: Path) -> tuple[list[str], int]:
             ok = hashlib.md5(f.read_bytes()).hexdigest() == parts[2] + parts[3].removesuffix(".dir")
         elif parts[0] == "runs" and len(parts) == 4:
             try:
-                ok = dict_sha256(yaml.safe_load(f.read_text()), exclude=["size", "nfiles"]) == parts[3]
-            except (yaml.YAMLError, AttributeError, TypeError):
+                ok = dict_sha256(parse_yaml(f.read_text(), str(f)), exclude=["size", "nfiles"]) == parts[3]
+            except (YAMLFileCorruptedError, AttributeError, TypeError):
                 ok = False
         else:
             ok = False

@@ -216,7 +216,10 @@ def timm_description(name: str) -> str:
     """A line about ``timm/<name>``: its architecture and parameter count at 1000 classes (built, not downloaded)."""
     check_timm_name(name)
     bare = name[len(PREFIX):]
-    with torch.device("meta"):
-        model = _timm().create_model(bare, pretrained=False)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = _timm().create_model(bare, pretrained=False)
+    except Exception:  # a family that cannot be built on the meta device
+        return f"timm model {bare}"
     params = sum(p.numel() for p in model.parameters())
     return f"timm {type(model).__name__} ({params / 1e6:.2f}M params at 1000 classes)"
