@@ -22,7 +22,8 @@ def check_model_name(name: str) -> str:
 
     names = available()
     if name not in names:
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(names)}")
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(names)}, "
+                         "or any timm model as timm/<name> (`kdpipe models --source timm PATTERN` lists them)")
     return name
 
 
