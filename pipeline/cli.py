@@ -8,7 +8,6 @@ methods, validate params, and inspect or clear stale DVC locks.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pipeline.report.metrics import collect_results
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from pipeline.models import available
-    from pipeline.models.registry import model_info
+    from pipeline.models.registry import matches, model_info
 
     if args.source == "timm":
         from pipeline.models.timm_models import list_timm
@@ -30,8 +29,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
               + "; use one as teacher.model or a students key (nothing is downloaded)", file=sys.stderr)
         return 0 if names else 1
     for name in available(args.family):
-        if args.pattern and not fnmatch.fnmatchcase(name, args.pattern if any(c in args.pattern for c in "*?[")
-                                                    else f"*{args.pattern}*"):
+        if not matches(name, args.pattern):
             continue
         info = model_info(name)
         print(f"{name:22s} {info['family']:14s} {info.get('description', '')}")

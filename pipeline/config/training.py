@@ -14,10 +14,7 @@ def check_model_name(name: str) -> str:
     if name.startswith("timm/"):
         from pipeline.models.timm_models import check_timm_name  # lazy: imports timm
 
-        try:
-            return check_timm_name(name)
-        except ValueError as err:
-            raise ValueError(str(err)) from None
+        return check_timm_name(name)  # its UnknownModelError is a ValueError
     from pipeline.models import available  # lazy: the registry imports torch
 
     names = available()

@@ -254,7 +254,7 @@ def export_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
                                   in_channels=data.in_channels, image_size=data.image_size, preprocessing=spec,
                                   source_sha256=file_sha256(src), params_hash=phash, opset=cfg.opset,
                                   extra={"train_params_sha256": info.get("params_sha256", ""), "provenance": inside})
-            exported = model.export_form() if hasattr(model, "export_form") else model
+            exported = model.export_form()  # the model itself, or its re-parameterised copy
             out = export_onnx(exported, tmp / dep.key / "model.onnx", in_channels=data.in_channels,
                               image_size=data.image_size, opset=cfg.opset, example_batch=cfg.example_batch,
                               metadata=meta)

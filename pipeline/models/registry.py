@@ -24,8 +24,10 @@ from typing import Any
 
 from .base import FeatureNet
 from .errors import UnknownModelError
+from .names import matches
 
-__all__ = ["ModelEntry", "UnknownModelError", "available", "build", "families", "model_info", "register_model"]
+__all__ = ["ModelEntry", "UnknownModelError", "available", "build", "families", "matches", "model_info",
+           "register_model"]
 
 Factory = Callable[..., FeatureNet]
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 
 from .base import FeatureInfo, FeatureNet, ModelOutput, StageInfo
 from .errors import UnknownModelError
+from .names import matches
 from .weights import fit_state, read_state_file
 
 PREFIX = "timm/"
@@ -114,12 +114,8 @@ def check_timm_name(name: str) -> str:
 
 
 def list_timm(pattern: str | None = None) -> list[str]:
-    """Names (with the ``timm/`` prefix) of the installed timm's models matching a glob ``pattern``."""
-    names = _timm().list_models()
-    if pattern:
-        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        names = [n for n in names if fnmatch.fnmatchcase(n, glob)]
-    return [PREFIX + n for n in names]
+    """Names (with the ``timm/`` prefix) of the installed timm's models matching ``pattern`` (:func:`matches`)."""
+    return [PREFIX + n for n in _timm().list_models() if matches(n, pattern)]
 
 
 class TimmNet(FeatureNet):

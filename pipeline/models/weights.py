@@ -50,7 +50,7 @@ def read_state_file(path: str | Path, name: str) -> dict[str, Tensor]:
         raise WeightsError(f"cannot read weights file {p} for {name!r}: {first}") from None
     if isinstance(state, Mapping):
         for key in _NESTED_KEYS:
-            if isinstance(state.get(key), Mapping) and not isinstance(state.get(key), Tensor):
+            if isinstance(state.get(key), Mapping):
                 state = state[key]
                 break
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
