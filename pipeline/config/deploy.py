@@ -61,6 +61,7 @@ class BundleConfig(Strict):
     variants: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: list(PRECISIONS), description="ONNX variants copied into each bundle")
     default_variant: Literal["fp32", "fp16", "int8"] = Field("int8", description="the model run.py uses when none is given (falls back to fp32 if absent)")
     archive: bool = Field(True, description="also pack each bundle as <name>.tar.gz")
+    ort: bool = Field(True, description="also write each onnxruntime variant as model_<variant>.ort (ONNX Runtime Mobile) with required_operators.config for a reduced build; parity against the .onnx is checked")
 
     @field_validator("variants")
     @classmethod
