@@ -2,7 +2,8 @@
 
 Run the pipeline as a Prefect flow (``run``), sweep params and seeds or compare methods as
 DVC experiments, each in its own clone (``sweep``, ``compare``), serve the flows as deployments (``serve``), show results, list models and
-methods, validate params, and inspect or clear stale DVC locks.
+methods, validate params, inspect or clear stale DVC locks, and file results measured on a real
+device (``device-results``).
 """
 
 from __future__ import annotations
@@ -233,6 +234,33 @@ def _cmd_locks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_device_results(args: argparse.Namespace) -> int:
+    """``device-results import FILE --device NAME`` / ``device-results list``: file or show real-device results."""
+    from pipeline.deploy.artifacts import DeployError
+    from pipeline.deploy.device_results import DEVICE_RESULTS, import_results, list_devices
+
+    root = Path(args.root)
+    try:
+        if args.action == "import":
+            done = import_results(root, Path(args.file), args.device)
+            print(f"{'replaced' if done['replaced'] else 'filed'} the results of {done['bundle']} "
+                  f"({', '.join(done['runtimes'])}; {done['variants']} measurement(s), profile {done['profile']}) "
+                  f"in {done['file']}, which holds {len(done['bundles'])} bundle(s)")
+            return 0
+        devices = list_devices(root)
+    except DeployError as err:
+        return _fail(err, 2)
+    if not devices:
+        print(f"no device results under {root / DEVICE_RESULTS}; file some with: kdpipe device-results import "
+              "results.json --device NAME", file=sys.stderr)
+        return 0
+    print("device | bundles | cpu | profile | imported")
+    for d in devices:
+        print(f"{d['device']} | {len(d['bundles'])}: {', '.join(d['bundles'])} | {d['cpu']} | {d['profile']} | "
+              f"{d['imported_at']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kdpipe`` command."""
     from pipeline.orchestrate.prefect_env import set_defaults
@@ -303,6 +331,18 @@ def main(argv: list[str] | None = None) -> int:
     ul = sub.add_parser("unlock", help="remove stale DVC locks (never one a live DVC process holds)")
     ul.add_argument("--workspace", default=".")
     ul.set_defaults(fn=_cmd_locks, clear=True)
+    dr = sub.add_parser("device-results", help="file results measured on a real device (bundle's bench.py --json) "
+                                               "for the report, or list what is filed")
+    dsub = dr.add_subparsers(dest="action", required=True)
+    di = dsub.add_parser("import", help="check a bench.py --json file against the workspace's bundles and file it "
+                                        "under device_results/NAME.json")
+    di.add_argument("file", help="the device-results JSON that bench.py --json wrote on the device")
+    di.add_argument("--device", required=True, help="the device's name (letters, digits, _ . -): the report's "
+                                                    "profile name, and benchmark.device_budgets' key")
+    dl = dsub.add_parser("list", help="the filed devices: bundles, CPU, profile, date imported")
+    for p in (di, dl):
+        p.add_argument("--root", default=".", help="the workspace (default: here)")
+        p.set_defaults(fn=_cmd_device_results)
     args = ap.parse_args(argv)
     return int(args.fn(args))
 
