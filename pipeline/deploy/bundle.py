@@ -5,6 +5,8 @@ A bundle holds everything a device needs and nothing it cannot run::
     <name>/
       model_fp32.onnx  model_fp16.onnx  model_int8.onnx   the ONNX variants (params bundle.variants)
       model_int8_trt.onnx                                 symmetric INT8 QDQ that TensorRT INT8 engines come from
+      model_fp32.ort  model_fp16.ort  model_int8.ort      the same graphs in ORT format (params bundle.ort)
+      required_operators.config                           their operators, for a reduced onnxruntime build
       labels.txt                                          class names, one per line
       preprocessing.json                                  how a raw image becomes the input
       bundle.json                                         manifest: files + sha256, accuracy, profiles
@@ -15,7 +17,9 @@ A bundle holds everything a device needs and nothing it cannot run::
 
 ``edge_preprocessing.py`` is a verbatim copy of :mod:`pipeline.data.preprocessing`, the
 reference the data tests check against the training tensors, so device and training
-preprocess alike. Archives are deterministic (sorted members, zero mtimes and owners)
+preprocess alike. The ``.ort`` files are written by onnxruntime's own converter
+and checked against their ``.onnx`` (:mod:`pipeline.deploy.ort_mobile`).
+Archives are deterministic (sorted members, zero mtimes and owners)
 and :func:`safe_extract` refuses members that would land outside the target folder.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import shutil
 import tarfile
 from pathlib import Path
@@ -41,6 +46,7 @@ from pipeline.deploy.artifacts import (
     tensorrt_dir,
     variant_file,
 )
+from pipeline.deploy.ort_mobile import ORT_LEVEL, ORT_STYLE, convert_to_ort, ort_parity
 from pipeline.engine.atomic import file_sha256
 
 EDGE_DIR = Path(__file__).resolve().parent / "edge"
@@ -54,6 +60,8 @@ RUNTIME_FILES = {
 }
 BUNDLE_FORMAT = "kdpipe-bundle/1"
 
+log = logging.getLogger(__name__)
+
 
 def _revision(prov: dict[str, Any]) -> str:
     """`` at git revision <rev>`` (with `` (uncommitted changes)`` when dirty), or nothing outside git."""
@@ -61,6 +69,52 @@ def _revision(prov: dict[str, Any]) -> str:
     if not rev:
         return ""
     return f" at git revision `{rev[:12]}`" + (" (uncommitted changes)" if prov.get("git_dirty") else "")
+
+
+def _ort_readme(manifest: dict[str, Any]) -> str:
+    """The README's ONNX Runtime Mobile section: the .ort files, how to run one and how to build a reduced runtime."""
+    section = manifest.get("ort") or {}
+    rows = [(v, m["ort"]) for v, m in manifest["models"].items() if m.get("ort")]
+    if not section.get("enabled") or not rows:
+        return ""
+    table = "\n".join(f"| `{o['file']}` | `{manifest['models'][v]['file']}` | {o['bytes'] / 1024:.1f} | "
+                      f"{o['parity']['max_abs_diff']:.2g} |" for v, o in rows)
+    skipped = "".join(f"\nNo `.ort` for `{manifest['models'][v]['file']}`: {why}." for v, why in
+                      sorted(section.get("skipped", {}).items()) if v in manifest["models"])
+    variant = manifest["default_variant"] if any(v == manifest["default_variant"] for v, _ in rows) else rows[0][0]
+    return f"""
+## ONNX Runtime Mobile (.ort)
+
+The same graphs in ORT format, converted by onnxruntime {section.get('onnxruntime', '')}'s
+`convert_onnx_models_to_ort` (optimization style {section['optimization_style']}, level
+{section['optimization_level']}: the CPU execution provider's fusions are baked in, INT8 as integer kernels
+such as QLinearConv; no layout rewrite specific to the converting machine):
+
+| file | converted from | KiB | max \\|Δlogit\\| vs the .onnx |
+|---|---|---|---|
+{table}
+
+Parity is measured on {rows[0][1]['parity']['inputs']} seeded random inputs, run by onnxruntime where the bundle was made.{skipped}
+
+```bash
+python run.py image.png --format ort                 # the .ort of the {variant} variant (--variant picks another)
+python run.py image.png --model {rows[0][1]['file']}       # one .ort file by name, checked against bundle.json
+```
+
+A full onnxruntime (`pip install onnxruntime`, the same or a newer version) runs `.ort`
+files as they are (without optimising them again: on x86 the `.onnx` can be faster there). A reduced
+onnxruntime holds only the operator kernels these models use, listed in `{section['operators_config']}`
+(`com.microsoft` ones included: keep contrib operators, no `--disable_contrib_ops`); build it
+from the onnxruntime sources of the same version (an ORT-format-only minimal build):
+
+```bash
+./build.sh --config MinSizeRel --build_shared_lib --parallel --skip_tests \\
+    --minimal_build --include_ops_by_config /path/to/this/bundle/{section['operators_config']}
+# --build_wheel for a Python package run.py can use (not tried here); --android or --ios for phones
+```
+
+A minimal build reads only `.ort` files (run `run.py --format ort`).
+"""
 
 
 def readme(manifest: dict[str, Any]) -> str:
@@ -108,7 +162,7 @@ inside this folder whose sha256 matches `bundle.json`; errors are one line and e
 Benchmark profiles (from the pipeline's params; `python bench.py --profiles NAME` picks some):
 
 {profiles}
-
+{_ort_readme(manifest)}
 ## TensorRT (on the target GPU)
 
 Engines are specific to the GPU and the TensorRT version, so build them on the device:
@@ -123,6 +177,44 @@ Optimization profile over the batch: min {trt.get('batches', [1, 8, 32])[0]}, op
 """
 
 
+def _add_ort_files(dest: Path, entries: dict[str, Any], models: dict[str, Path], name: str) -> dict[str, Any]:
+    """Convert the bundle's onnxruntime variants to ``.ort``, record file, sha256, bytes and parity in ``entries``.
+
+    Not converted: ``int8_trt`` (TensorRT builds its engines from the ONNX file and cannot
+    read ORT format; onnxruntime runs ``model_int8.onnx`` faster, so an ``.ort`` of it would
+    only add operators to the reduced build for a file no device should run there), and
+    a model whose weights lie in an external ``.data`` file (past 2 GB: ORT format is a
+    FlatBuffer, which cannot hold that much); both are recorded as skipped with the reason.
+    Returns the manifest's ``ort`` section.
+    """
+    label = f"bundle {name}"
+    skipped: dict[str, str] = {}
+    wanted: dict[str, Path] = {}
+    for variant, entry in entries.items():
+        if variant == TRT_INT8:
+            skipped[variant] = "it is for TensorRT, which reads ONNX; onnxruntime runs model_int8 faster"
+        elif models[variant].with_name(models[variant].name + ".data").is_file():
+            skipped[variant] = "its weights lie in an external .data file (past 2 GB), which ORT format cannot hold"
+        else:
+            wanted[variant] = dest / entry["file"]
+    section: dict[str, Any] = {"enabled": True, "optimization_style": ORT_STYLE, "optimization_level": ORT_LEVEL,
+                               "operators_config": None, "variants": sorted(wanted), "skipped": skipped}
+    if not wanted:
+        return section
+    import onnxruntime
+
+    done = convert_to_ort(list(wanted.values()), dest, label)
+    for variant, onnx_file in wanted.items():
+        ort_file = done["files"][onnx_file.name]
+        entries[variant]["ort"] = {"file": ort_file.name, "sha256": file_sha256(ort_file),
+                                   "bytes": ort_file.stat().st_size,
+                                   "parity": ort_parity(onnx_file, ort_file, variant, label)}
+    log.info("%s: %d .ort file(s) converted in %.2f s", label, len(wanted), done["seconds"])
+    section["operators_config"] = done["config"].name
+    section["onnxruntime"] = onnxruntime.__version__  # the ORT format version a device's runtime must read
+    return section
+
+
 def make_bundle(
     dest: Path,
     *,
@@ -135,12 +227,15 @@ def make_bundle(
     tensorrt: dict[str, Any],
     default_variant: str = "int8",
     provenance: dict[str, Any] | None = None,
+    ort: bool = True,
 ) -> dict[str, Any]:
     """Fill the folder ``dest`` with one bundle; returns its manifest (also written as ``bundle.json``).
 
     ``models`` maps a variant (fp32/fp16/int8) to its ONNX file; ``info`` carries the
     run facts (run, role, arch, student, method, source_sha256, accuracies per variant);
     ``provenance`` (what made the bundle: version, git revision, params hash) goes into the manifest.
+    ``ort``: also write each onnxruntime variant as ``model_<variant>.ort`` with the operator
+    config of a reduced build (ONNX Runtime Mobile), each checked against its ``.onnx``.
     """
     from pipeline.deploy.tensorrt_build import trtexec_commands, trtexec_script
 
@@ -161,6 +256,7 @@ def make_bundle(
                             "top1": acc.get("top1"), "top5": acc.get("top5")}
         if variant == TRT_INT8:
             entries[variant]["use"] = "TensorRT INT8 engines (symmetric QDQ); slower than model_int8.onnx in onnxruntime"
+    ort_section = _add_ort_files(dest, entries, models, name) if ort else {"enabled": False}
     for fname, src in RUNTIME_FILES.items():
         shutil.copyfile(src, dest / fname)
     (dest / "labels.txt").write_text("\n".join(class_names) + "\n", encoding="utf-8")
@@ -188,6 +284,7 @@ def make_bundle(
         "default_variant": default_variant if default_variant in entries else "fp32",
         "benchmark": {**benchmark, "variants": [v for v in benchmark.get("variants", list(entries)) if v in entries]},
         "tensorrt": {**tensorrt, "trtexec": commands},
+        "ort": ort_section,
         "provenance": dict(provenance or {}),
     }
     (dest / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -286,7 +383,7 @@ def bundle_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
             manifests[name] = make_bundle(
                 folder, name=name, models=models, preprocessing=meta["preprocessing"],
                 class_names=list(meta["class_names"]), info=info, benchmark=benchmark, tensorrt=tensorrt,
-                default_variant=params.bundle.default_variant, provenance=made_by)
+                default_variant=params.bundle.default_variant, provenance=made_by, ort=params.bundle.ort)
             if params.bundle.archive:
                 pack(folder, tmp / f"{name}.tar.gz")
     return manifests

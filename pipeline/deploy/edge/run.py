@@ -9,8 +9,9 @@ Images are converted and resized exactly as ``preprocessing.json`` says (Pillow 
 scale, bilinear resize in float, per-channel normalisation), so an image of another
 size or mode is accepted and converted, never rejected. Needs numpy, onnxruntime and
 Pillow only. ``--model`` must name a file inside this bundle (a bare name such as
-``model_fp16.onnx`` is looked up here); the file must match the sha256 in
-``bundle.json`` unless ``--no-verify`` is given.
+``model_fp16.onnx`` or ``model_fp16.ort`` is looked up here); the file must match the
+sha256 in ``bundle.json`` unless ``--no-verify`` is given. ``--format ort`` runs the
+ORT-format file of the chosen variant (what a reduced ONNX Runtime Mobile build reads).
 """
 
 from __future__ import annotations
@@ -45,12 +46,36 @@ def read_manifest() -> dict:
         raise EdgeError(f"cannot read the bundle manifest {HERE / 'bundle.json'}: {err}") from None
 
 
-def pick_model(manifest: dict, model: str | None, variant: str | None, verify: bool) -> Path:
-    """The model file to run: ``--model`` (inside the bundle), ``--variant``, or the bundle's default variant."""
+#: Model file formats: ``.onnx`` (any onnxruntime) and ``.ort`` (ORT format, also for reduced builds).
+FORMATS = ("onnx", "ort")
+
+
+def model_files(manifest: dict) -> dict:
+    """Every model file the manifest lists, ``.onnx`` and ``.ort``: file name -> its entry (with ``sha256``)."""
+    known = {}
+    for entry in manifest.get("models", {}).values():
+        known[entry["file"]] = entry
+        if isinstance(entry.get("ort"), dict) and entry["ort"].get("file"):
+            known[entry["ort"]["file"]] = entry["ort"]
+    return known
+
+
+def pick_model(manifest: dict, model: str | None, variant: str | None, verify: bool,
+               fmt: str | None = None) -> Path:
+    """The model file to run: ``--model`` (inside the bundle), or ``--variant`` (default: the bundle's) in ``fmt``.
+
+    ``fmt`` ``onnx`` (the default) or ``ort`` picks that variant's ``.ort`` file; with
+    ``--model`` the file's own suffix says its format, and a ``fmt`` that contradicts it
+    is refused rather than silently ignored.
+    """
     models = manifest.get("models", {})
+    if fmt is not None and fmt not in FORMATS:
+        raise EdgeError(f"unknown model format {fmt!r}; allowed: {', '.join(FORMATS)}")
     if model is not None:
         path = resolve_inside(model, HERE)
-        known = {m["file"]: m for m in models.values()}
+        if fmt is not None and path.suffix.lower() != "." + fmt:
+            raise EdgeError(f"--model {path.name} is not a .{fmt} file; drop --format or name a .{fmt} file")
+        known = model_files(manifest)
         expected = known.get(path.name, {}).get("sha256") if path.parent == HERE else None
         if verify and expected is None:
             raise EdgeError(f"{path.name} is not one of this bundle's models ({', '.join(sorted(known))}); "
@@ -60,6 +85,12 @@ def pick_model(manifest: dict, model: str | None, variant: str | None, verify: b
     if name not in models:
         raise EdgeError(f"variant {name!r} is not in this bundle; available: {', '.join(sorted(models))}")
     entry = models[name]
+    if fmt == "ort":
+        with_ort = sorted(v for v, m in models.items() if isinstance(m.get("ort"), dict))
+        if not isinstance(entry.get("ort"), dict):
+            raise EdgeError(f"variant {name!r} has no .ort file in this bundle; variants with one: "
+                            f"{', '.join(with_ort) or 'none (the bundle was made with bundle.ort false)'}")
+        entry = entry["ort"]
     return check_model_file(resolve_inside(entry["file"], HERE), entry.get("sha256") if verify else None)
 
 
@@ -98,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry; returns the exit status (0 ok, 1 some images failed, 2 unusable input)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("input", help="an image file or a folder of images")
-    ap.add_argument("--model", help="an ONNX file inside this bundle (default: the bundle's default variant)")
+    ap.add_argument("--model", help="a model file (.onnx or .ort) inside this bundle (default: the bundle's default variant)")
     ap.add_argument("--variant", help="fp32, fp16 or int8 (as listed in bundle.json)")
+    ap.add_argument("--format", choices=FORMATS, default=None,
+                    help="onnx (default) or ort: the variant's ORT-format file, as a reduced onnxruntime build runs it")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per inference call for a folder")
@@ -110,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = read_manifest()
         spec = json.loads((HERE / manifest.get("preprocessing", "preprocessing.json")).read_text(encoding="utf-8"))
         names = list(manifest.get("class_names", []))
-        model = pick_model(manifest, args.model, args.variant, not args.no_verify)
+        model = pick_model(manifest, args.model, args.variant, not args.no_verify, args.format)
         sess = open_session(model, threads=args.threads)
         k = max(1, min(args.top_k, len(names) or args.top_k))
         target = Path(args.input)
