@@ -9,9 +9,16 @@ path outside the bundle, an unreadable image) raises :class:`EdgeError` with a
 one-line message; the command-line tools print it and exit with status 2 instead of
 showing a traceback from inside onnxruntime.
 
-Worker mode (used by ``bench.py`` and the pipeline): ``python edge_runtime.py measure
+Two runtimes run a model: onnxruntime (always; ``.onnx`` and ``.ort`` files) and
+OpenVINO where it is installed (``edge_openvino.py``, ``.onnx`` files), both behind the
+same session interface, so loading, timing and the figures are one code for both.
+
+Worker modes (used by ``bench.py`` and the pipeline): ``python edge_runtime.py measure
 SPEC_JSON`` prints one JSON object with latency percentiles per device profile and
-batch size, the peak resident memory of the process and the model file size.
+batch size, the cold start (runtime import, session creation, first run), the peak
+resident memory of the process and the model file size; ``python edge_runtime.py peak
+SPEC_JSON`` times GEMM models the same way and prints the multiply-accumulates per
+second they reach (this machine's practical peak through that runtime).
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 #: At least this many timed runs, whatever the time cap says.
 MIN_TIMED_RUNS = 5
+
+#: Runtimes a model can be run with; OpenVINO takes the inference precisions of ``edge_openvino.PRECISIONS``.
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 class EdgeError(Exception):
@@ -121,22 +131,108 @@ def session_options(threads: int = 0, graph_optimization: str = "all", spinning:
     return so
 
 
+def installed_runtimes() -> list[str]:
+    """The runtimes of :data:`RUNTIMES` that import here, in that order (a broken install counts as missing)."""
+    import importlib
+
+    found = []
+    for name in RUNTIMES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # ImportError, or whatever a broken wheel raises at import
+            continue
+        found.append(name)
+    return found
+
+
+def runtime_version(runtime: str) -> str | None:
+    """The installed version of ``runtime`` (None when it is not installed)."""
+    if runtime == "openvino":
+        return _openvino().version()
+    try:
+        return str(import_onnxruntime().__version__)
+    except EdgeError:
+        return None
+
+
+def _openvino() -> Any:
+    """The ``edge_openvino`` module beside this file (a bundle's copy on a device, the pipeline's here)."""
+    try:
+        from pipeline.deploy.edge import edge_openvino
+    except ImportError:  # on a device: the bundle folder is on sys.path, kdpipe is not installed
+        import edge_openvino  # type: ignore[no-redef]
+    return edge_openvino
+
+
+def default_runtime() -> str:
+    """The runtime a bundle's tools use when none is named: onnxruntime, or OpenVINO where onnxruntime is missing."""
+    for name in RUNTIMES:
+        try:
+            check_runtime(name)
+        except EdgeError:
+            continue
+        return name
+    raise EdgeError("neither onnxruntime nor openvino is installed here; install one with: pip install onnxruntime")
+
+
+def available_runtimes(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The runtimes of ``wanted`` installed here, in order, and why each other one is left out."""
+    installed = installed_runtimes()
+    skipped = {r: f"{r} is not installed (pip install {r}; in a kdpipe checkout: pip install -e '.[{r}]')"
+               for r in wanted if r not in installed}
+    return [r for r in wanted if r in installed], skipped
+
+
+def runtime_variants(runtime: str, variants: list[str]) -> list[tuple[str, str, str]]:
+    """(variant name, file variant, inference precision) to run with ``runtime``, given the files' ``variants``.
+
+    OpenVINO runs every file with the f32 precision hint (its CPU plugin would pick bf16
+    by itself on CPUs that have it) and, where the CPU offers bf16, the FP32 file once
+    more in bf16 as its own variant ``bf16``.
+    """
+    plan = [(v, v, "f32") for v in variants]
+    if runtime == "openvino" and "fp32" in variants and _openvino().offers_bf16():
+        plan.append(("bf16", "fp32", "bf16"))
+    return plan
+
+
+def check_runtime(runtime: str) -> None:
+    """Import ``runtime``; refuse an unknown name, or a runtime that does not import here, with the install command."""
+    import importlib
+
+    if runtime not in RUNTIMES:
+        raise EdgeError(f"unknown runtime {runtime!r}; allowed: {', '.join(RUNTIMES)}")
+    try:
+        importlib.import_module(runtime)
+    except Exception as err:  # ImportError, or whatever a broken wheel raises at import
+        raise EdgeError(f"runtime {runtime} is not installed here ({_first_line(err)}); install it with: "
+                        f"pip install {runtime}") from None
+
+
 def open_session(
     path: str | Path,
     threads: int = 0,
     providers: list[str] | None = None,
     graph_optimization: str = "all",
     spinning: bool = False,
+    runtime: str = "onnxruntime",
+    precision: str = "f32",
 ) -> Any:
-    """An ``InferenceSession`` for one image-classifier ONNX file, or an :class:`EdgeError`.
+    """A session for one image-classifier model file, or an :class:`EdgeError`.
 
-    Checks that the file exists, that onnxruntime can load it (a non-ONNX or truncated
-    file gives a one-line error, not onnxruntime's traceback), that the requested
-    execution providers exist here, and that the model has one 4-D image input.
+    ``runtime`` onnxruntime gives an ``InferenceSession`` (``.onnx`` or ``.ort``);
+    openvino an ``edge_openvino.OpenVinoSession`` on the CPU with inference precision
+    ``precision`` (f32, or bf16 where the CPU offers it). Checks that the file exists,
+    that the runtime can load it (a non-ONNX or truncated file gives a one-line error,
+    not the runtime's traceback), that the requested execution providers exist here,
+    and that the model has one 4-D image input.
     """
-    ort = import_onnxruntime()
     path = Path(path)
     check_model_file(path)
+    check_runtime(runtime)
+    if runtime == "openvino":
+        return _open_openvino(path, threads, providers, precision)
+    ort = import_onnxruntime()
     providers = list(providers or ["CPUExecutionProvider"])
     available = ort.get_available_providers()
     missing = [p for p in providers if p not in available]
@@ -147,11 +243,31 @@ def open_session(
                                     providers=providers)
     except Exception as err:  # onnxruntime raises its own pybind11 exception types (InvalidProtobuf, Fail, ...)
         raise EdgeError(f"{path} is not a usable ONNX model: {_first_line(err)}") from None
+    return _image_classifier(sess, path)
+
+
+def _image_classifier(sess: Any, path: Path) -> Any:
+    """``sess`` when its model has one 4-D image input, else an :class:`EdgeError`."""
     inputs = sess.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         shapes = [(i.name, i.shape) for i in inputs]
         raise EdgeError(f"{path} is not an image classifier with one NCHW input (inputs: {shapes})")
     return sess
+
+
+def _open_openvino(path: Path, threads: int, providers: list[str] | None, precision: str) -> Any:
+    """An OpenVINO CPU session for ``path`` (see :func:`open_session`)."""
+    if path.suffix == ".ort":
+        raise EdgeError(f"{path.name} is an onnxruntime (.ort) file; OpenVINO reads the .onnx file")
+    if [p for p in (providers or ["CPUExecutionProvider"]) if p != "CPUExecutionProvider"]:
+        raise EdgeError(f"OpenVINO runs on the CPU here; providers {providers} are onnxruntime's")
+    ov = _openvino()
+    try:
+        if precision == "bf16" and not ov.offers_bf16():
+            raise EdgeError("this CPU's OpenVINO plugin does not offer bf16 (needs AVX512-BF16 or AMX)")
+        return _image_classifier(ov.OpenVinoSession(path, threads, precision), path)
+    except ov.OpenVinoError as err:
+        raise EdgeError(str(err)) from None
 
 
 def input_facts(sess: Any) -> tuple[str, tuple[int, int, int], Any]:
@@ -198,7 +314,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process in MiB (None where the platform cannot tell)."""
+    """Peak resident memory of this process in MiB (None where the platform cannot tell).
+
+    Linux: the address space's high-water mark (``VmHWM``), which starts afresh at exec;
+    ``ru_maxrss`` does not, so a worker started from a large process (a test runner, a
+    stage that imported torch) would report its parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 2)
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -240,6 +367,39 @@ def latency_stats(ms: np.ndarray, batch: int) -> dict[str, float | int]:
     }
 
 
+def headline(result: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any] | None:
+    """The figures the report uses for one profile of a :func:`measure_model` result: p50/p90/p99 at its
+    first batch, throughput at its largest (None when the profile was not measured)."""
+    prof = result.get("profiles", {}).get(profile["name"])
+    if not prof or prof.get("status") != "ok":
+        return None
+    sizes = [int(b) for b in prof["batches"]]
+    first, largest = prof["batches"][str(min(sizes))], prof["batches"][str(max(sizes))]
+    return {"batch": first["batch"], "p50_ms": first["p50_ms"], "p90_ms": first["p90_ms"], "p99_ms": first["p99_ms"],
+            "throughput_batch": largest["batch"], "throughput_ips": largest["throughput_ips"]}
+
+
+def _import_ms(runtime: str) -> float:
+    """Milliseconds to import ``runtime`` (and create its core object): the first part of a cold start.
+
+    Near zero when the runtime was imported already in this process: the workers are fresh processes.
+    """
+    t0 = time.perf_counter()
+    check_runtime(runtime)
+    if runtime == "openvino":
+        _openvino().import_openvino().Core()
+    return round((time.perf_counter() - t0) * 1e3, 3)
+
+
+def _profile_skip(runtime: str, providers: list[str]) -> str | None:
+    """Why a profile cannot run with ``runtime`` here (None when it can)."""
+    if runtime == "openvino":
+        other = [p for p in providers if p != "CPUExecutionProvider"]
+        return f"OpenVINO runs on the CPU here, not on {other}" if other else None
+    missing = [p for p in providers if p not in import_onnxruntime().get_available_providers()]
+    return f"execution provider(s) {missing} not available" if missing else None
+
+
 def measure_model(
     model: str | Path,
     profiles: list[dict[str, Any]],
@@ -247,55 +407,124 @@ def measure_model(
     iterations: int = 200,
     max_seconds: float = 2.0,
     seed: int = 0,
+    runtime: str = "onnxruntime",
+    precision: str = "f32",
 ) -> dict[str, Any]:
-    """Time one ONNX model under each device profile; one session per profile, created and dropped in turn.
+    """Time one model under each device profile with ``runtime``; one session per profile, created and dropped in turn.
 
     A profile is ``{"name", "threads", "batch_sizes", "providers", "graph_optimization"}``.
-    A profile whose providers are missing here is recorded as skipped, with the reason.
-    Peak memory is that of the whole process (interpreter, onnxruntime, the model and
+    A profile the runtime cannot serve here (a missing execution provider; a GPU
+    provider for OpenVINO) is recorded as skipped, with the reason. Per profile the cold
+    start is recorded too: session creation and the first run at the first batch size
+    (with the runtime's import time, which only the first session of a process pays).
+    Peak memory is that of the whole process (interpreter, runtime, the model and
     its buffers), so run one model per process for a per-model figure.
     """
     path = check_model_file(Path(model))
-    ort = import_onnxruntime()
+    import_ms = _import_ms(runtime)
     baseline = peak_rss_mb()
-    out: dict[str, Any] = {"model": path.name, "file_bytes": path.stat().st_size, "onnxruntime": ort.__version__,
-                           "profiles": {}}
+    out: dict[str, Any] = {"model": path.name, "file_bytes": path.stat().st_size, "runtime": runtime,
+                           "runtime_version": runtime_version(runtime), "profiles": {}}
+    if runtime == "openvino":
+        out["precision"] = precision
     rng = np.random.default_rng(seed)
     for prof in profiles:
         name = str(prof["name"])
         providers = list(prof.get("providers") or ["CPUExecutionProvider"])
-        missing = [p for p in providers if p not in ort.get_available_providers()]
-        if missing:
-            out["profiles"][name] = {"status": "skipped", "reason": f"execution provider(s) {missing} not available"}
+        skip = _profile_skip(runtime, providers)
+        if skip:
+            out["profiles"][name] = {"status": "skipped", "reason": skip}
             continue
-        sess = open_session(path, int(prof.get("threads", 0)), providers, str(prof.get("graph_optimization", "all")))
+        threads, graph = int(prof.get("threads", 0)), str(prof.get("graph_optimization", "all"))
+        t0 = time.perf_counter()
+        sess = open_session(path, threads, providers, graph, runtime=runtime, precision=precision)
+        session_ms = (time.perf_counter() - t0) * 1e3
         input_name, chw, dtype = input_facts(sess)
         batches: dict[str, Any] = {}
+        first_run_ms = None
         for b in prof.get("batch_sizes", [1]):
             x = rng.standard_normal((int(b), *chw)).astype(dtype)
             feed = {input_name: x}
             try:
+                if first_run_ms is None:
+                    t0 = time.perf_counter()
+                    sess.run(None, feed)
+                    first_run_ms = (time.perf_counter() - t0) * 1e3
                 ms = time_runs(lambda feed=feed, sess=sess: sess.run(None, feed), warmup, iterations, max_seconds)
-            except Exception as err:  # onnxruntime's own exception types
+            except Exception as err:  # the runtimes' own exception types
                 raise EdgeError(f"{path.name}: inference failed at batch {b}: {_first_line(err)}") from None
             batches[str(int(b))] = latency_stats(ms, int(b))
-        out["profiles"][name] = {"status": "ok", "threads": int(prof.get("threads", 0)), "providers": providers,
-                                 "graph_optimization": str(prof.get("graph_optimization", "all")), "batches": batches}
+        out["profiles"][name] = {"status": "ok", "threads": threads, "providers": providers,
+                                 "graph_optimization": graph, "batches": batches,
+                                 "cold_start": {"session_ms": round(session_ms, 3),
+                                                "first_run_ms": round(first_run_ms or 0.0, 3)}}
         del sess
+    out["cold_start"] = {"import_ms": import_ms}
     out["baseline_rss_mb"] = baseline
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
+def measure_peak(
+    gemms: list[dict[str, Any]],
+    threads: list[int],
+    runtime: str = "onnxruntime",
+    warmup: int = 3,
+    iterations: int = 20,
+    max_seconds: float = 2.0,
+    precision: str = "f32",
+) -> dict[str, Any]:
+    """Multiply-accumulates per second of GEMM models through ``runtime``, per thread count.
+
+    Each GEMM is ``{"precision": "fp32"|"int8", "model": path, "macs": int}``: a model
+    whose inputs are fed seeded random data of their own shape and type. The best run's
+    rate (the p50 is recorded as well) is the practical peak a model could reach on this
+    machine with that runtime and thread count. ``precision`` is OpenVINO's inference
+    precision (bf16: the peak of its bf16 variant).
+    """
+    check_runtime(runtime)
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"runtime": runtime, "runtime_version": runtime_version(runtime), "peaks": {}}
+    for gemm in gemms:
+        path = check_model_file(Path(gemm["model"]))
+        per_threads: dict[str, Any] = {}
+        for t in threads:
+            if runtime == "openvino":
+                sess = _openvino().OpenVinoSession(path, int(t), precision)
+            else:
+                sess = import_onnxruntime().InferenceSession(str(path), session_options(int(t)),
+                                                             providers=["CPUExecutionProvider"])
+            feed = {}
+            for inp in sess.get_inputs():
+                dtype = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}[inp.type]
+                shape = [int(d) for d in inp.shape]
+                feed[inp.name] = (rng.standard_normal(shape) if dtype == np.float32
+                                  else rng.integers(0, 100, shape)).astype(dtype)
+            ms = time_runs(lambda feed=feed, sess=sess: sess.run(None, feed), warmup, iterations, max_seconds)
+            macs = int(gemm["macs"])
+            per_threads[str(int(t))] = {"threads": int(t), "runs": int(ms.size), "macs": macs,
+                                        "best_ms": float(f"{ms.min():.5g}"), "p50_ms": float(f"{np.median(ms):.5g}"),
+                                        "gmacs_per_s": float(f"{macs / float(ms.min()) / 1e6:.5g}"),
+                                        "p50_gmacs_per_s": float(f"{macs / float(np.median(ms)) / 1e6:.5g}")}
+            del sess
+        out["peaks"][str(gemm["precision"])] = per_threads
+    return out
+
+
 def _worker(argv: list[str]) -> int:
-    """``measure SPEC_JSON``: print :func:`measure_model`'s result (or ``{"error": ...}``) as JSON."""
-    if len(argv) != 2 or argv[0] != "measure":
-        print("usage: python edge_runtime.py measure SPEC_JSON", file=sys.stderr)
+    """``measure SPEC_JSON`` / ``peak SPEC_JSON``: print the result (or ``{"error": ...}``) as one JSON line."""
+    if len(argv) != 2 or argv[0] not in ("measure", "peak"):
+        print("usage: python edge_runtime.py measure|peak SPEC_JSON", file=sys.stderr)
         return 2
     try:
         spec = json.loads(argv[1])
-        result = measure_model(spec["model"], spec["profiles"], int(spec.get("warmup", 10)),
-                               int(spec.get("iterations", 200)), float(spec.get("max_seconds", 2.0)))
+        common = {"warmup": int(spec.get("warmup", 10)), "iterations": int(spec.get("iterations", 200)),
+                  "max_seconds": float(spec.get("max_seconds", 2.0)), "runtime": str(spec.get("runtime", "onnxruntime"))}
+        precision = str(spec.get("precision", "f32"))
+        if argv[0] == "peak":
+            result = measure_peak(spec["gemms"], [int(t) for t in spec["threads"]], precision=precision, **common)
+        else:
+            result = measure_model(spec["model"], spec["profiles"], precision=precision, **common)
     except EdgeError as err:
         print(json.dumps({"error": str(err)}))
         return 2
