@@ -228,8 +228,9 @@ def _results_rows(root: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if results.is_file():
         for r in json.loads(results.read_text())["rows"]:
-            lat = {f"{p} p50 ms": v.get("p50_ms") for p, v in (r.get("latency") or {}).items()}
-            rows.append({"model": r["run"], "precision": r["precision"], "arch": r["arch"], "top1": r.get("top1"),
+            lat = {f"{p} p50 ms": (v or {}).get("p50_ms") for p, v in (r.get("latency") or {}).items()}
+            rows.append({"model": r["run"], "runtime": r.get("runtime", "onnxruntime"), "precision": r["precision"],
+                         "arch": r["arch"], "top1": r.get("top1"),
                          "params": r.get("params"), "bytes": r.get("bytes"), **lat})
         return rows
     from pipeline.report.metrics import collect_results

@@ -145,7 +145,7 @@ def test_runner_format_ort_gives_the_onnx_answer_without_torch(made, tmp_path):
             onnx_run = _run(["run.py", img, "--variant", variant], bdir, env)
             ort_run = _run(["run.py", img, "--variant", variant, "--format", "ort"], bdir, env)
             assert onnx_run.returncode == 0 and ort_run.returncode == 0, (onnx_run.stderr, ort_run.stderr)
-            assert f"(model model_{variant}.ort)" in ort_run.stdout
+            assert f"(model model_{variant}.ort, onnxruntime)" in ort_run.stdout
             a, b = _top(onnx_run.stdout), _top(ort_run.stdout)
             assert [c for c, _ in a][:1] == [c for c, _ in b][:1]
             assert np.allclose([s for _, s in a], [s for _, s in b], atol=2e-4)  # printed to 4 decimals

@@ -309,7 +309,8 @@ def test_bundle_layout_and_reproducible_archive(ws, tmp_path):
     b = root / "bundles" / "tinynet_xs-kd"
     for f in ("model_fp32.onnx", "model_fp16.onnx", "model_int8.onnx", "model_int8_trt.onnx", "labels.txt",
               "preprocessing.json",
-              "bundle.json", "run.py", "bench.py", "edge_runtime.py", "edge_preprocessing.py", "build_engine.py",
+              "bundle.json", "run.py", "bench.py", "edge_runtime.py", "edge_openvino.py", "edge_preprocessing.py",
+              "build_engine.py",
               "build_engines.sh", "README.md", "requirements.txt"):
         assert (b / f).is_file(), f
     manifest = json.loads((b / "bundle.json").read_text())
@@ -365,6 +366,38 @@ def test_runner_folder_csv_matches_the_test_split(ws, bundle_copy, tmp_path):
     names = json.loads((bdir / "bundle.json").read_text())["class_names"]
     assert [r["class1"] for r in rows] == [names[i] for i in expected]
     assert all(r["error"] == "" for r in rows)
+
+
+def test_runner_runs_the_bundle_with_openvino_too(ws, bundle_copy, tmp_path):
+    """run.py --runtime openvino: the same top-1 classes as onnxruntime on test images and scores within 1e-4;
+    bf16 where the CPU offers it; bf16 without OpenVINO is a one-line error."""
+    from pipeline.deploy.edge import edge_openvino
+
+    root, params = ws
+    bdir, env = bundle_copy
+    raw, _ = _test_images(params, 8)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(raw):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    runs = {}
+    for runtime in ("onnxruntime", "openvino"):
+        proc = _run(["run.py", str(folder), "--variant", "fp32", "--runtime", runtime], bdir, env)
+        assert proc.returncode == 0, proc.stderr
+        runs[runtime] = list(csv.DictReader(io.StringIO(proc.stdout)))
+    ort_rows, ov_rows = runs["onnxruntime"], runs["openvino"]
+    assert [r["class1"] for r in ov_rows] == [r["class1"] for r in ort_rows]
+    assert max(abs(float(a["score1"]) - float(b["score1"])) for a, b in zip(ort_rows, ov_rows, strict=True)) <= 1e-4
+    one = _run(["run.py", str(folder / "000.png"), "--runtime", "openvino", "--variant", "int8"], bdir, env)
+    assert one.returncode == 0 and "(model model_int8.onnx, openvino)" in one.stdout, one.stderr
+    bf16 = _run(["run.py", str(folder / "000.png"), "--runtime", "openvino", "--variant", "bf16"], bdir, env)
+    if edge_openvino.offers_bf16():
+        assert bf16.returncode == 0 and "(model model_fp32.onnx, openvino, bf16)" in bf16.stdout, bf16.stderr
+    else:
+        assert bf16.returncode == 2 and "does not offer bf16" in bf16.stderr
+    bad = _run(["run.py", str(folder / "000.png"), "--variant", "bf16", "--runtime", "onnxruntime"], bdir, env)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "run.py: error: variant bf16 is the fp32 file run by OpenVINO in bf16: add --runtime openvino")
 
 
 def test_bench_prints_the_latency_table_without_torch(bundle_copy):
@@ -521,13 +554,20 @@ def test_corrupted_archive_is_a_clear_error(tmp_path):
 # --------------------------------------------------------------------------- benchmark and report
 
 
-def test_benchmark_measures_every_variant_and_the_eager_reference(ws):
+def test_benchmark_measures_every_runtime_and_variant_and_the_eager_reference(ws):
+    from pipeline.deploy.edge import edge_openvino
+
     root, _ = ws
     rep = json.loads(report_file(root, "benchmark").read_text())
     assert rep["settings"]["intra_op_spinning"] is False
+    assert rep["settings"]["runtimes"] == ["onnxruntime", "openvino"] and rep["settings"]["runtimes_skipped"] == {}
     entry = rep["models"]["kd/tinynet_xs"]
-    assert set(entry) == {"fp32", "int8", "torch"}  # the params of this workspace measure fp32 and int8
-    for res in entry.values():
+    assert set(entry) == {"onnxruntime", "openvino", "torch"}
+    assert set(entry["onnxruntime"]) == {"fp32", "int8"}  # the params of this workspace measure fp32 and int8
+    bf16 = edge_openvino.offers_bf16()
+    assert set(entry["openvino"]) == {"fp32", "int8"} | ({"bf16"} if bf16 else set())
+    results = [*entry["onnxruntime"].values(), *entry["openvino"].values(), entry["torch"]["fp32"]]
+    for res in results:
         prof = res["profiles"]["tiny-1core"]
         assert prof["status"] == "ok" and prof["threads"] == 1
         for b in ("1", "4"):
@@ -535,28 +575,131 @@ def test_benchmark_measures_every_variant_and_the_eager_reference(ws):
             assert 0 < st["p50_ms"] <= st["p90_ms"] <= st["p99_ms"] and st["runs"] >= 5 and st["throughput_ips"] > 0
         assert res["peak_rss_mb"] > 0 and res["file_bytes"] > 0
         assert res["headline"]["tiny-1core"]["throughput_batch"] == 4
+    for runtime in ("onnxruntime", "openvino"):
+        res = entry[runtime]["int8"]
+        assert res["runtime"] == runtime and res["runtime_version"]
+        cold = res["profiles"]["tiny-1core"]["cold_start"]
+        assert cold["session_ms"] > 0 and cold["first_run_ms"] > 0 and res["cold_start"]["import_ms"] >= 0
+        # the GEMM peak of this runtime at the profile's thread count, FP32 and INT8 (and bf16 where offered)
+        peaks = rep["peak"][runtime]["peaks"]
+        assert {"fp32", "int8"} <= set(peaks) and ("bf16" in peaks) == (bf16 and runtime == "openvino")
+        for per in peaks.values():
+            f = per["1"]
+            assert f["macs"] == 1024 ** 3 and f["gmacs_per_s"] >= f["p50_gmacs_per_s"] > 0
+    assert entry["openvino"]["fp32"]["precision"] == "f32"
+    assert rep["environment"]["runtimes"]["openvino"] == edge_openvino.version()
+
+
+def test_benchmark_without_openvino_records_the_skip_and_the_report_says_so(ws, tmp_path):
+    """A machine without OpenVINO (hidden by a module that fails to import): the stage measures onnxruntime
+    alone, says why OpenVINO is missing, and the report prints it."""
+    import shutil
+
+    import yaml
+
+    root, params = ws
+    work = tmp_path / "ws"
+    shutil.copytree(root, work)
+    (work / "params.yaml").write_text(yaml.safe_dump(deploy_params()))
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "openvino.py").write_text("raise ImportError('no openvino on this machine')\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), str(repo)])}
+    proc = subprocess.run([sys.executable, "-m", "stages.benchmark"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "benchmark: openvino skipped: openvino is not installed" in proc.stdout
+    rep = json.loads(report_file(work, "benchmark").read_text())
+    assert rep["settings"]["runtimes"] == ["onnxruntime"] and "openvino" in rep["settings"]["runtimes_skipped"]
+    assert all(set(entry) == {"onnxruntime", "torch"} for entry in rep["models"].values())
+    assert set(rep["peak"]) == {"onnxruntime"}
+    report_all(params, work)
+    md = (work / "reports/results.md").read_text()
+    assert "Not measured with OpenVINO: openvino is not installed (pip install openvino" in md
+
+
+def test_a_device_measured_with_bench_json_becomes_a_report_profile(ws, tmp_path):
+    """bench.py --json on the "device" (a copied bundle), kdpipe device-results import, and the report gains
+    the device: its latency columns, its Pareto front and its budget pick (benchmark.device_budgets)."""
+    import shutil
+
+    from pipeline.cli import main as kdpipe
+
+    root, _ = ws
+    work = tmp_path / "ws"
+    shutil.copytree(root, work)
+    device = tmp_path / "device" / "tinynet_xs-kd"
+    shutil.copytree(root / "bundles" / "tinynet_xs-kd", device)
+    proc = subprocess.run([sys.executable, "bench.py", "--runtime", "onnxruntime", "openvino", "--threads", "1",
+                           "--batch-sizes", "1", "2", "--warmup", "1", "--iterations", "5", "--max-seconds", "0.05",
+                           "--json", str(tmp_path / "results.json")], cwd=device, capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    assert kdpipe(["device-results", "import", str(tmp_path / "results.json"), "--device", "pi5",
+                   "--root", str(work)]) == 0
+    raw = deploy_params()
+    raw["benchmark"]["device_budgets"] = {"pi5": 1000.0}
+    params = parse_params(raw)
+    res = report_all(params, work)
+    prof = res["profiles"]["pi5"]
+    assert prof["budget_ms"] == 1000.0 and prof["pick"]["run"] == "kd/tinynet_xs"  # only its bundle was measured
+    measured = [r for r in res["rows"] if r["latency"].get("pi5")]
+    assert {r["run"] for r in measured} == {"kd/tinynet_xs"}
+    assert {(r["runtime"], r["precision"]) for r in measured} >= {("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                                                                   ("openvino", "fp32"), ("openvino", "int8")}
+    assert all(label.startswith("tinynet_xs/kd") for label in prof["pareto_front"])
+    md = (work / "reports/results.md").read_text()
+    assert "pi5 p50 ms" in md and "| pi5 | 1000 |" in md
+
+
+def test_quantize_scores_every_file_with_openvino_too(ws):
+    root, _ = ws
+    rep = json.loads(report_file(root, "quantize").read_text())
+    assert rep["runtimes"] == ["onnxruntime", "openvino"]
+    for key, acc in rep["models"].items():
+        ov = acc["runtimes"]["openvino"]
+        assert {"fp32", "fp16", "int8"} <= set(ov)
+        fp32 = ov["fp32"]
+        # f32 precision hint: OpenVINO reproduces onnxruntime's FP32 on the whole test split
+        assert fp32["within_tolerance"] and fp32["max_abs_diff"] <= 1e-4 and fp32["top1_mismatches"] == 0, key
+        assert fp32["top1"] == acc["fp32"]["top1"] and fp32["bytes"] == acc["fp32"]["bytes"]
+        assert 0 <= ov["int8"]["top1"] <= 100 and ov["int8"]["file_variant"] == "int8"
+        if "bf16" in ov:
+            assert ov["bf16"]["file_variant"] == "fp32" and ov["bf16"]["precision"] == "bf16"
+            assert ov["bf16"]["max_abs_diff"] > 0  # bf16 is another precision: it cannot be exact
 
 
 def test_report_rows_budget_pick_and_plot(ws):
     root, params = ws
     res = json.loads((root / "reports/results.json").read_text())
     rows = res["rows"]
-    assert len(rows) == 3 * 3  # models x variants
+    ov_variants = len(json.loads(report_file(root, "quantize").read_text())["models"]["teacher"]["runtimes"]["openvino"])
+    assert len(rows) == 3 * (3 + ov_variants)  # models x (onnxruntime's variants + OpenVINO's)
+    assert {r["runtime"] for r in rows} == {"onnxruntime", "openvino"}
     roles = {r["run"]: r["role"] for r in rows}
     assert roles == {"teacher": "teacher", "baseline/tinynet_xs": "baseline", "kd/tinynet_xs": "distilled"}
     for r in rows:
         for key in ("student", "method", "precision", "top1", "top5", "params", "macs", "bytes"):
             assert key in r
         lat = r["latency"]["tiny-1core"]
+        eff = r["efficiency"]["tiny-1core"]
         if r["precision"] == "fp16":  # not benchmarked in this workspace
-            assert lat is None
+            assert lat is None and eff is None
         else:
             assert lat["p50_ms"] > 0 and lat["p99_ms"] >= lat["p50_ms"]
+            # achieved MAC/s = MACs x images/s at the throughput batch; a fraction of the runtime's GEMM peak
+            assert eff["gmacs_per_s"] == pytest.approx(r["macs"] * lat["throughput_ips"] / 1e9, rel=1e-4)
+            assert 0 < eff["fraction_of_peak"] == pytest.approx(eff["gmacs_per_s"] / eff["peak_gmacs_per_s"], rel=1e-4)
     pick = res["profiles"]["tiny-1core"]["pick"]
     assert pick is not None and pick["latency_ms"] <= 50.0
     best = max(r["top1"] for r in rows if r["latency"]["tiny-1core"] is not None)
     assert pick["top1"] == best
     md = (root / "reports/results.md").read_text()
     assert "| `kd/tinynet_xs` |" in md and "Pareto front" in md and "TensorRT" in md
+    for section in ("## Other runtimes against onnxruntime", "## How close to the hardware's limit",
+                    "## Cold start and memory"):
+        assert section in md
+    assert "tinynet_xs/kd int8 OpenVINO" in md
     with Image.open(root / "reports/pareto.png") as im:
         assert im.format == "PNG" and im.size[0] > 300

@@ -90,13 +90,29 @@ def test_a_size_budget_leaves_out_the_large_files_and_the_pick_is_explained():
 def test_build_rows_joins_the_stage_reports():
     export = {"models": {"kd/a": {"role": "distilled", "student": "a", "method": "kd", "arch": "a", "bundle": "a-kd"}}}
     quantize = {"models": {"kd/a": {"fp32": {"top1": 90.0, "top5": 99.0, "bytes": 4000},
-                                    "int8": {"top1": 89.0, "top5": 99.0, "bytes": 1200}}}}
-    bench = {"models": {"kd/a": {"fp32": {"peak_rss_mb": 50.0, "headline": {"edge": {"p50_ms": 1.0, "p99_ms": 2.0}}},
-                                 "int8": {"peak_rss_mb": 48.0, "headline": {"edge": {"p50_ms": 0.4, "p99_ms": 0.9}}}}}}
-    rows = build_rows(export, quantize, bench, {"kd/a": {"params": 1000, "macs": 5000}}, [{"name": "edge"}])
-    assert [(r["precision"], r["top1"], r["bytes"], r["params"], r["macs"]) for r in rows] == [
-        ("fp32", 90.0, 4000, 1000, 5000), ("int8", 89.0, 1200, 1000, 5000)]
+                                    "int8": {"top1": 89.0, "top5": 99.0, "bytes": 1200},
+                                    "runtimes": {"openvino": {"int8": {"top1": 88.5, "top5": 98.0, "bytes": 1200}}}}}}
+    edge = {"threads": 1, "status": "ok", "cold_start": {"session_ms": 5.0, "first_run_ms": 0.5}}
+    bench = {"models": {"kd/a": {
+        "onnxruntime": {
+            "fp32": {"peak_rss_mb": 50.0, "profiles": {"edge": edge},
+                     "headline": {"edge": {"p50_ms": 1.0, "p99_ms": 2.0, "throughput_ips": 1000.0}}},
+            "int8": {"peak_rss_mb": 48.0, "headline": {"edge": {"p50_ms": 0.4, "p99_ms": 0.9}}}},
+        "openvino": {"int8": {"peak_rss_mb": 60.0, "cold_start": {"import_ms": 90.0}, "profiles": {"edge": edge},
+                              "headline": {"edge": {"p50_ms": 0.2, "p99_ms": 0.3, "throughput_ips": 4000.0}}}}}},
+        "peak": {"onnxruntime": {"peaks": {"fp32": {"1": {"gmacs_per_s": 0.01}}}},
+                 "openvino": {"peaks": {"int8": {"1": {"gmacs_per_s": 0.1}}}}}}
+    rows = build_rows(export, quantize, bench, {"kd/a": {"params": 1000, "macs": 5000}}, [{"name": "edge", "threads": 1}])
+    assert [(r["runtime"], r["precision"], r["top1"], r["bytes"], r["params"], r["macs"]) for r in rows] == [
+        ("onnxruntime", "fp32", 90.0, 4000, 1000, 5000), ("onnxruntime", "int8", 89.0, 1200, 1000, 5000),
+        ("openvino", "int8", 88.5, 1200, 1000, 5000)]  # OpenVINO's row: its own accuracy of the same file
     assert rows[1]["latency"]["edge"]["p99_ms"] == 0.9 and rows[1]["role"] == "distilled"
+    # 5000 MACs x 1000 images/s = 5e-3 GMAC/s, half of onnxruntime's FP32 peak; OpenVINO INT8 against its INT8 peak
+    assert rows[0]["efficiency"]["edge"] == {"gmacs_per_s": 0.005, "peak_gmacs_per_s": 0.01, "fraction_of_peak": 0.5}
+    assert rows[2]["efficiency"]["edge"]["fraction_of_peak"] == 0.2
+    assert rows[1]["efficiency"]["edge"] is None  # no throughput figure: nothing to compare
+    assert rows[2]["cold_start"]["edge"] == {"session_ms": 5.0, "first_run_ms": 0.5} and rows[2]["import_ms"] == 90.0
+    assert rows[2]["peak_rss_mb"] == 60.0 and label(rows[2]) == "a/kd int8 OpenVINO" and label(rows[1]) == "a/kd int8"
 
 
 # --------------------------------------------------------------------------- TensorRT

@@ -21,10 +21,9 @@ import pytest
 
 from pipeline import cli
 from pipeline.deploy.artifacts import DeployError
-from pipeline.deploy.benchmark import headline
 from pipeline.deploy.bundle import make_bundle
 from pipeline.deploy.device_results import RESULTS_FORMAT, device_profiles, import_results
-from pipeline.deploy.edge.edge_runtime import installed_runtimes
+from pipeline.deploy.edge.edge_runtime import headline, installed_runtimes
 from tests.conftest import REPO
 from tests.test_deploy import _blocking_env
 

@@ -212,3 +212,18 @@ def test_sweep_plan_crosses_grid_and_seeds_and_refuses_seed_in_the_grid():
         sweep_plan("s", {"seed": [1, 2]}, [0])
     with pytest.raises(ValueError, match=r"no values for \['a'\]"):
         sweep_plan("s", {"a": []}, [0])
+
+
+def test_results_artifact_rows_carry_the_runtime_and_survive_unmeasured_profiles(tmp_path):
+    """The Prefect results table: one row per model x runtime x variant; a profile a row was not measured on
+    (a device that ran another bundle, a variant left out of the benchmark) is an empty cell, not a crash."""
+    from pipeline.flows import _results_rows
+
+    (tmp_path / "reports").mkdir()
+    row = {"run": "kd/tinynet_xs", "arch": "tinynet_xs", "top1": 90.0, "params": 10, "bytes": 100}
+    (tmp_path / "reports" / "results.json").write_text(json.dumps({"rows": [
+        {**row, "runtime": "openvino", "precision": "bf16", "latency": {"server": {"p50_ms": 0.5}, "pi5": None}},
+        {**row, "precision": "int8", "latency": {"server": None}}]}))
+    rows = _results_rows(tmp_path)
+    assert rows[0]["runtime"] == "openvino" and rows[0]["server p50 ms"] == 0.5 and rows[0]["pi5 p50 ms"] is None
+    assert rows[1]["runtime"] == "onnxruntime" and rows[1]["server p50 ms"] is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -9,6 +10,10 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.config.base import Strict
 
 PRECISIONS = ("fp32", "fp16", "int8")
+#: Runtimes the benchmark can measure with (pipeline.deploy.edge.edge_runtime.RUNTIMES).
+RUNTIMES = ("onnxruntime", "openvino")
+#: What a device name may look like (a file name under device_results/).
+DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 class ExportConfig(Strict):
     """ONNX export (dynamo exporter) and its parity check against PyTorch on the test split."""
@@ -106,6 +111,9 @@ class BenchmarkConfig(Strict):
     iterations: int = Field(200, ge=5, le=1_000_000, description="timed runs per batch size (fewer if max_seconds is reached first)")
     max_seconds: float = Field(2.0, gt=0.0, le=3600.0, description="time cap per measurement; at least 5 timed runs are always made")
     profiles: list[DeviceProfile] = Field(default_factory=_default_profiles, min_length=1)
+    runtimes: list[Literal["onnxruntime", "openvino"]] = Field(default_factory=lambda: list(RUNTIMES), min_length=1, description="runtimes every model x variant is measured with, where installed (openvino: pip install -e '.[openvino]'); OpenVINO adds a bf16 variant on CPUs that offer it")
+    peak: bool = Field(True, description="also time a large FP32 and INT8 GEMM per runtime and thread count: the practical peak the report compares each model's MAC/s with")
+    device_budgets: dict[str, float] = Field(default_factory=dict, description="latency budget (ms) per imported device (kdpipe device-results import FILE --device NAME): the report picks the most accurate model within it on that device")
 
     @field_validator("profiles")
     @classmethod
@@ -113,6 +121,23 @@ class BenchmarkConfig(Strict):
         names = [p.name for p in v]
         if len(set(names)) != len(names):
             raise ValueError(f"profile names must be unique, got {names}")
+        return v
+
+    @field_validator("runtimes")
+    @classmethod
+    def _runtimes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"runtimes listed twice: {v}")
+        return v
+
+    @field_validator("device_budgets")
+    @classmethod
+    def _device_budgets(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, ms in v.items():
+            if not DEVICE_NAME.fullmatch(name):
+                raise ValueError(f"device name {name!r} must be letters, digits, _ . - (at most 64)")
+            if not ms > 0:
+                raise ValueError(f"device_budgets.{name} must be a positive number of milliseconds, got {ms}")
         return v
 
 class ReportConfig(Strict):

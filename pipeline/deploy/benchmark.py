@@ -1,13 +1,17 @@
-"""The ``benchmark`` stage: every model x variant x device profile, timed the way a device runs it.
+"""The ``benchmark`` stage: every model x runtime x variant x device profile, timed the way a device runs it.
 
-Each ONNX file is measured in its own fresh process running the bundle's own
-``edge_runtime.py`` (numpy + onnxruntime only), so its peak memory is its own and the
-code timed is the code shipped. Per profile: a session with the profile's threads,
-providers and graph optimisation, intra-op spinning off, warm-up runs excluded, then
-p50/p90/p99 latency per batch size and the throughput they imply. PyTorch eager FP32
-is measured in the same run as the reference, all models in one process of their own
-(importing torch and the model registry takes longer than timing a small model).
-Results go to ``reports/benchmark.json`` (DVC metrics).
+Each ONNX file is measured per runtime (``benchmark.runtimes``: onnxruntime, and
+OpenVINO where installed, which adds a bf16 variant on CPUs that offer it) in its own
+fresh process running the bundle's own ``edge_runtime.py``, so its peak memory and
+cold start are its own and the code timed is the code shipped. Per profile: a session
+with the profile's threads, providers and graph optimisation, intra-op spinning off,
+warm-up runs excluded, then p50/p90/p99 latency per batch size and the throughput they
+imply. PyTorch eager FP32 is measured in the same run as the reference, all models in
+one process of their own (importing torch and the model registry takes longer than
+timing a small model). With ``benchmark.peak`` the same run times a large FP32 and
+INT8 GEMM per runtime and thread count (:mod:`pipeline.deploy.peak`), the practical
+peak the report compares each model's MAC/s with. Results go to
+``reports/benchmark.json`` (DVC metrics): ``models[run][runtime][variant]``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from pipeline.deploy.artifacts import DeployError, deployable_runs, report_file, stage_provenance, variant_file
 from pipeline.deploy.edge import edge_runtime
+from pipeline.deploy.edge.edge_runtime import headline
 
 RUNTIME_SCRIPT = Path(edge_runtime.__file__).resolve()
 
@@ -43,13 +48,37 @@ def _last_json(proc: subprocess.CompletedProcess, what: str) -> dict[str, Any]:
 
 
 def measure_onnx(path: Path, profiles: list[dict[str, Any]], warmup: int, iterations: int,
-                 max_seconds: float) -> dict[str, Any]:
-    """Time one ONNX file in a fresh process (``edge_runtime.py measure``); its JSON result."""
+                 max_seconds: float, runtime: str = "onnxruntime", precision: str = "f32") -> dict[str, Any]:
+    """Time one ONNX file with ``runtime`` in a fresh process (``edge_runtime.py measure``); its JSON result."""
     spec = {"model": str(path), "profiles": profiles, "warmup": warmup, "iterations": iterations,
-            "max_seconds": max_seconds}
+            "max_seconds": max_seconds, "runtime": runtime, "precision": precision}
     proc = subprocess.run([sys.executable, str(RUNTIME_SCRIPT), "measure", json.dumps(spec)], capture_output=True,
                           text=True, timeout=_timeout(profiles, warmup, max_seconds))
-    return _last_json(proc, str(path))
+    return _last_json(proc, f"{path} with {runtime}")
+
+
+def measure_peaks(runtime: str, threads: list[int], folder: Path, bf16: bool = False,
+                  max_seconds: float = 2.0) -> dict[str, Any]:
+    """This machine's GEMM peak through ``runtime`` per thread count, in a fresh process (``edge_runtime.py peak``).
+
+    ``bf16`` adds OpenVINO's FP32 GEMM compiled in bf16 (the peak of the bf16 variant).
+    """
+    from pipeline.deploy.peak import write_gemm_models
+
+    gemms = write_gemm_models(folder)
+    spec = {"gemms": gemms, "threads": threads, "runtime": runtime, "warmup": 3, "iterations": 20,
+            "max_seconds": max_seconds}
+    timeout = 120.0 + len(gemms) * len(threads) * (3.0 * max_seconds + 30.0)
+    proc = subprocess.run([sys.executable, str(RUNTIME_SCRIPT), "peak", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout)
+    result = _last_json(proc, f"the GEMM peak with {runtime}")
+    if bf16:
+        fp32 = next(g for g in gemms if g["precision"] == "fp32")
+        spec = {**spec, "gemms": [{**fp32, "precision": "bf16"}], "precision": "bf16"}
+        proc = subprocess.run([sys.executable, str(RUNTIME_SCRIPT), "peak", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout)
+        result["peaks"].update(_last_json(proc, f"the bf16 GEMM peak with {runtime}")["peaks"])
+    return result
 
 
 def measure_torch(model_files: list[Path], profiles: list[dict[str, Any]], warmup: int, iterations: int,
@@ -126,7 +155,7 @@ def torch_measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    """The machine and library versions the figures were measured with."""
+    """The machine and library versions the figures were measured with (``runtimes``: name -> version or None)."""
     import onnxruntime
 
     cpu, flags = platform.processor() or platform.machine(), ""
@@ -140,52 +169,62 @@ def environment() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "avx512_vnni": "avx512_vnni" in flags,
             "platform": platform.platform(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__}
-
-
-def headline(result: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any] | None:
-    """The figures the report uses for one profile: p50/p90/p99 at its first batch, throughput at its largest."""
-    prof = result.get("profiles", {}).get(profile["name"])
-    if not prof or prof.get("status") != "ok":
-        return None
-    sizes = [int(b) for b in prof["batches"]]
-    first, largest = prof["batches"][str(min(sizes))], prof["batches"][str(max(sizes))]
-    return {"batch": first["batch"], "p50_ms": first["p50_ms"], "p90_ms": first["p90_ms"], "p99_ms": first["p99_ms"],
-            "throughput_batch": largest["batch"], "throughput_ips": largest["throughput_ips"]}
+            "onnxruntime": onnxruntime.__version__,
+            "runtimes": {r: edge_runtime.runtime_version(r) if r in edge_runtime.installed_runtimes() else None
+                         for r in edge_runtime.RUNTIMES}}
 
 
 def benchmark_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
-    """The ``benchmark`` stage: measure every model x variant (+ PyTorch eager) x profile; writes the report."""
+    """The ``benchmark`` stage: measure every model x runtime x variant (+ PyTorch eager) x profile; writes the report."""
+    import tempfile
+
     from pipeline.engine.atomic import atomic_write_json
 
     cfg = params.benchmark
     profiles = [p.model_dump(mode="json") for p in cfg.profiles]
+    runtimes, skipped = edge_runtime.available_runtimes(list(cfg.runtimes))
+    for runtime, why in skipped.items():
+        print(f"benchmark: {runtime} skipped: {why}", flush=True)
+    plans = {r: edge_runtime.runtime_variants(r, list(cfg.variants)) for r in runtimes}
     models: dict[str, Any] = {}
-    for dep in deployable_runs(params):
+    deps = deployable_runs(params)
+    for dep in deps:
         entry: dict[str, Any] = {}
-        for variant in cfg.variants:
-            path = variant_file(root, dep.key, variant)
-            if not path.is_file():
-                entry[variant] = {"status": "skipped", "reason": f"{path} not found"}
-                continue
-            entry[variant] = {"status": "ok", **measure_onnx(path, profiles, cfg.warmup, cfg.iterations,
-                                                             cfg.max_seconds)}
+        for runtime, plan in plans.items():
+            entry[runtime] = {}
+            for variant, file_variant, precision in plan:
+                path = variant_file(root, dep.key, file_variant)
+                if not path.is_file():
+                    entry[runtime][variant] = {"status": "skipped", "reason": f"{path} not found"}
+                    continue
+                entry[runtime][variant] = {"status": "ok", **measure_onnx(path, profiles, cfg.warmup, cfg.iterations,
+                                                                          cfg.max_seconds, runtime, precision)}
         models[dep.key] = entry
-        print(f"benchmark: {dep.key} done", flush=True)
+        print(f"benchmark: {dep.key} done ({', '.join(runtimes)})", flush=True)
     if cfg.torch_reference:
-        deps = deployable_runs(params)
         for dep, res in zip(deps, measure_torch([d.model_file(root) for d in deps], profiles, cfg.warmup,
                                                 cfg.iterations, cfg.max_seconds), strict=True):
-            models[dep.key]["torch"] = {"status": "ok", **res}
+            models[dep.key]["torch"] = {"fp32": {"status": "ok", **res}}
         print("benchmark: PyTorch eager reference done", flush=True)
     for entry in models.values():
-        for res in entry.values():
-            if res.get("status") == "ok":
-                res["headline"] = {p["name"]: headline(res, p) for p in profiles}
+        for per_variant in entry.values():
+            for res in per_variant.values():
+                if res.get("status") == "ok":
+                    res["headline"] = {p["name"]: headline(res, p) for p in profiles}
+    peaks: dict[str, Any] = {}
+    if cfg.peak:
+        threads = sorted({int(p["threads"]) for p in profiles
+                          if "CPUExecutionProvider" in (p.get("providers") or ["CPUExecutionProvider"])})
+        with tempfile.TemporaryDirectory(prefix="kdpipe-gemm-") as scratch:
+            for runtime in runtimes:
+                peaks[runtime] = measure_peaks(runtime, threads, Path(scratch), bf16=any(
+                    v == "bf16" for v, _, _ in plans[runtime]), max_seconds=cfg.max_seconds)
+                print(f"benchmark: {runtime} GEMM peak done", flush=True)
     report = {"environment": environment(), "settings": {"warmup": cfg.warmup, "iterations": cfg.iterations,
                                                          "max_seconds": cfg.max_seconds, "profiles": profiles,
+                                                         "runtimes": runtimes, "runtimes_skipped": skipped,
                                                          "intra_op_spinning": False},
-              "models": models, "provenance": stage_provenance(params, ("benchmark",), root)}
+              "models": models, "peak": peaks, "provenance": stage_provenance(params, ("benchmark",), root)}
     atomic_write_json(report_file(root, "benchmark"), report)
     return report
 

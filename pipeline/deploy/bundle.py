@@ -11,7 +11,8 @@ A bundle holds everything a device needs and nothing it cannot run::
       preprocessing.json                                  how a raw image becomes the input
       bundle.json                                         manifest: files + sha256, accuracy, profiles
       run.py  bench.py                                    runner and latency table (numpy, onnxruntime, Pillow)
-      edge_runtime.py  edge_preprocessing.py              their helpers (copies of the pipeline's own code)
+      edge_runtime.py  edge_openvino.py                   their helpers: loading, timing; OpenVINO (optional)
+      edge_preprocessing.py                               (copies of the pipeline's own code)
       build_engine.py  build_engines.sh                   TensorRT build: Python API and trtexec
       requirements.txt  README.md
 
@@ -55,6 +56,7 @@ RUNTIME_FILES = {
     "run.py": EDGE_DIR / "run.py",
     "bench.py": EDGE_DIR / "bench.py",
     "edge_runtime.py": EDGE_DIR / "edge_runtime.py",
+    "edge_openvino.py": EDGE_DIR / "edge_openvino.py",
     "build_engine.py": EDGE_DIR / "build_engine.py",
     "edge_preprocessing.py": Path(__file__).resolve().parent.parent / "data" / "preprocessing.py",
 }
@@ -153,6 +155,9 @@ python run.py image.png --variant fp32      # another variant (or --model model_
 python run.py images/ --out predictions.csv # a folder: one CSV row per image
 python bench.py                             # latency table for the device profiles listed below
 python bench.py --threads 1 4 --batch-sizes 1 16
+python run.py image.png --runtime openvino  # OpenVINO instead (pip install openvino; bf16: --variant bf16)
+python bench.py --runtime onnxruntime openvino --json results.json  # both runtimes; the file for the report:
+                                            # kdpipe device-results import results.json --device NAME
 ```
 
 Images of any size or mode are converted as `preprocessing.json` says (Pillow mode
@@ -261,7 +266,8 @@ def make_bundle(
         shutil.copyfile(src, dest / fname)
     (dest / "labels.txt").write_text("\n".join(class_names) + "\n", encoding="utf-8")
     (dest / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2) + "\n", encoding="utf-8")
-    (dest / "requirements.txt").write_text("numpy\nonnxruntime\nPillow\n", encoding="utf-8")
+    (dest / "requirements.txt").write_text("numpy\nonnxruntime\nPillow\n# optional, for --runtime openvino:\n"
+                                           "# openvino\n", encoding="utf-8")
     chw = (int(preprocessing["channels"]), int(preprocessing["size"]), int(preprocessing["size"]))
     batches = tuple(tensorrt.get("batches", (1, 8, 32)))
     commands = trtexec_commands({v: e["file"] for v, e in entries.items()}, chw, batches,

@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline.config.deploy import DEVICE_NAME, RUNTIMES
 from pipeline.deploy.artifacts import BUNDLES, DeployError
-from pipeline.deploy.benchmark import headline
+from pipeline.deploy.edge.edge_runtime import headline
 from pipeline.engine.atomic import atomic_write_json
 
 #: What the bundle's ``bench.py --json`` writes (``pipeline/deploy/edge/bench.py``).

@@ -168,10 +168,11 @@ def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) ->
     return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
 
 
-def onnx_logits(path: Path, images: np.ndarray, batch_size: int = 256, threads: int = 0) -> np.ndarray:
-    """onnxruntime (CPU) logits of ``images`` for one ONNX file, in order."""
+def onnx_logits(path: Path, images: np.ndarray, batch_size: int = 256, threads: int = 0,
+                runtime: str = "onnxruntime", precision: str = "f32") -> np.ndarray:
+    """CPU logits of ``images`` for one ONNX file run by ``runtime`` (onnxruntime or openvino), in order."""
     try:
-        sess = open_session(path, threads=threads)
+        sess = open_session(path, threads=threads, runtime=runtime, precision=precision)
         outs = [run_session(sess, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     except EdgeError as err:
         raise DeployError(str(err)) from None
@@ -188,8 +189,10 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray, atol: float, label: str,
-                   rtol: float = 0.0) -> dict[str, Any]:
+                   rtol: float = 0.0, names: tuple[str, str] = ("PyTorch", "ONNX Runtime")) -> dict[str, Any]:
     """Parity of two logit arrays: the figures, or a :class:`ParityError` naming the worst image.
+
+    ``names`` are what produced the reference and the candidate, for the message.
 
     Fails when any |difference| exceeds ``atol + rtol * s``, ``s`` the image's largest
     |logit| (float32 rounding grows with the size of what the last layers add up, so
@@ -197,7 +200,8 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, atol: float, la
     image's top-1 class differs.
     """
     if reference.shape != candidate.shape:
-        raise ParityError(f"{label}: ONNX output shape {candidate.shape} differs from PyTorch's {reference.shape}")
+        raise ParityError(f"{label}: {names[1]} output shape {candidate.shape} differs from {names[0]}'s "
+                          f"{reference.shape}")
     if reference.size == 0:
         raise ParityError(f"{label}: no test images to check parity on")
     ref64 = reference.astype(np.float64)
@@ -220,8 +224,8 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, atol: float, la
                  f"max |Δlogit| = {max_diff:.3g}"]
         if flipped.size:
             parts.append(f"top-1 differs on {flipped.size} image(s), first at test image {int(flipped[0])} "
-                         f"(PyTorch class {int(top_ref[flipped[0]])}, ONNX class {int(top_cand[flipped[0]])})")
-        raise ParityError(f"{label}: ONNX Runtime does not reproduce PyTorch on the test split: " + "; ".join(parts))
+                         f"({names[0]} class {int(top_ref[flipped[0]])}, {names[1]} class {int(top_cand[flipped[0]])})")
+        raise ParityError(f"{label}: {names[1]} does not reproduce {names[0]} on the test split: " + "; ".join(parts))
     return figures
 
 

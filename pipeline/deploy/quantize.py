@@ -51,6 +51,7 @@ from pipeline.deploy.artifacts import (
     stage_provenance,
     variant_file,
 )
+from pipeline.deploy.edge.edge_runtime import available_runtimes
 from pipeline.deploy.export import onnx_logits, topk_accuracy
 from pipeline.deploy.metadata import META_PREFIX, read_metadata, set_metadata
 
@@ -210,9 +211,15 @@ def tag_variant(path: Path, source_meta: dict[str, Any], precision: str, extra: 
     onnx.save_model(model, str(path))
 
 
-def score(path: Path, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict[str, Any]:
-    """Top-1/top-5 (%) of one ONNX file on the given images, run by onnxruntime."""
+def score(path: Path, images: np.ndarray, labels: np.ndarray, batch_size: int,
+          logits_out: dict[str, np.ndarray] | None = None, variant: str = "") -> dict[str, Any]:
+    """Top-1/top-5 (%) of one ONNX file on the given images, run by onnxruntime.
+
+    The logits go into ``logits_out[variant]`` when given (the reference other runtimes are compared with).
+    """
     logits = onnx_logits(path, images, batch_size)
+    if logits_out is not None:
+        logits_out[variant] = logits
     return {"top1": round(topk_accuracy(logits, labels, 1), 4), "top5": round(topk_accuracy(logits, labels, 5), 4),
             "bytes": path.stat().st_size}
 
@@ -220,6 +227,7 @@ def score(path: Path, images: np.ndarray, labels: np.ndarray, batch_size: int) -
 def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     """The ``quantize`` stage: INT8 and FP16 of every exported model, each scored; writes ``exports/quantized``."""
     from pipeline.data import build_data
+    from pipeline.deploy.runtime_parity import score_with_runtimes
     from pipeline.engine.atomic import atomic_dir, atomic_write_json
 
     cfg = params.quantize
@@ -234,6 +242,7 @@ def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     if cfg.calibration_method == "Percentile":
         recipe["percentile"] = cfg.percentile
     sections = ("seed", "data", "quantize")
+    runtimes, skipped = available_runtimes(list(params.benchmark.runtimes))
     inside = {"provenance": stage_provenance(params, sections, root, git=False)}  # no commit inside model files
     report: dict[str, Any] = {}
     with atomic_dir(quantized_dir(root)) as tmp:
@@ -244,14 +253,17 @@ def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
             if not fp32.is_file():
                 raise DeployError(f"{fp32} not found: run the export stage first (dvc repro export)")
             source_meta = read_metadata(fp32)
-            entry: dict[str, Any] = {"fp32": score(fp32, images, labels, params.export.batch_size)}
+            logits: dict[str, np.ndarray] = {}
+            files = {"fp32": fp32}
+            entry: dict[str, Any] = {"fp32": score(fp32, images, labels, params.export.batch_size, logits, "fp32")}
             if cfg.int8:
                 out = tmp / dep.key / "model_int8.onnx"
                 facts = quantize_int8(fp32, out, calib, method=cfg.calibration_method, per_channel=cfg.per_channel,
                                       activation_type=cfg.activation_type, percentile=cfg.percentile,
                                       histogram_bins=cfg.histogram_bins, batch_size=cfg.calibration_batch_size)
                 tag_variant(out, source_meta, "int8", {"quantization": {**recipe, **facts}, **inside})
-                entry["int8"] = score(out, images, labels, params.export.batch_size)
+                entry["int8"] = score(out, images, labels, params.export.batch_size, logits, "int8")
+                files["int8"] = out
                 drop = entry["fp32"]["top1"] - entry["int8"]["top1"]
                 entry["int8_top1_drop"] = round(drop, 4)
                 entry["int8_within_budget"] = bool(drop <= cfg.max_int8_drop)
@@ -266,9 +278,14 @@ def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
             if cfg.fp16:
                 out = convert_fp16(fp32, tmp / dep.key / "model_fp16.onnx")
                 tag_variant(out, source_meta, "fp16", inside)
-                entry["fp16"] = score(out, images, labels, params.export.batch_size)
+                entry["fp16"] = score(out, images, labels, params.export.batch_size, logits, "fp16")
+                files["fp16"] = out
+            entry["runtimes"] = score_with_runtimes(
+                files, logits, images, labels, runtimes, atol=params.export.parity_atol,
+                rtol=params.export.parity_rtol, batch_size=params.export.batch_size, label=dep.key)
             report[dep.key] = entry
     atomic_write_json(report_file(root, "quantize"), {"models": report, "recipe": recipe,
                                                       "test_images": int(len(labels)),
+                                                      "runtimes": runtimes, "runtimes_skipped": skipped,
                                                       "provenance": stage_provenance(params, sections, root)})
     return report

@@ -1,7 +1,7 @@
 """``reports/pareto.png``: accuracy against latency, one panel per device profile, Pareto front drawn.
 
-Each point is one deployed file (model x precision); colour is the precision, marker
-the role. The front (no other point both faster and more accurate) is drawn as a
+Each point is one deployed file run by one runtime (model x runtime x precision);
+colour is the precision, marker the role, a thick orange edge marks OpenVINO. The front (no other point both faster and more accurate) is drawn as a
 step line, its points numbered and named in a box, and the profile's latency budget
 as a dashed line; files over the profile's size budget are drawn hollow. Matplotlib runs
 on the Agg backend (no display needed).
@@ -16,7 +16,9 @@ from typing import Any
 
 from pipeline.report.rows import label, pareto_front, row_latency
 
-COLOURS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "int8": "#d62728"}
+COLOURS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "bf16": "#9467bd", "int8": "#d62728"}
+#: Edge colour and width of a point by runtime (onnxruntime's is the plain thin black edge).
+RUNTIME_EDGES = {"onnxruntime": ("black", 0.4), "openvino": ("#ff7f0e", 1.8)}
 MARKERS = {"teacher": "*", "baseline": "o", "distilled": "D", "online": "s"}
 
 
@@ -49,9 +51,10 @@ def pareto_plot(rows: Sequence[dict[str, Any]], profiles: Sequence[dict[str, Any
         for r, lat in pts:
             over = size is not None and r["bytes"] / 1024 > size  # hollow: the file does not fit the device
             colour = COLOURS.get(r["precision"], "grey")
+            edge, width = RUNTIME_EDGES.get(r.get("runtime", "onnxruntime"), ("black", 0.4))
             ax.scatter(lat, r["top1"], c="none" if over else colour, marker=MARKERS.get(r["role"], "o"),
-                       s=90 if r["role"] == "teacher" else 45, alpha=0.85, edgecolors=colour if over else "black",
-                       linewidths=1.2 if over else 0.4, zorder=3)
+                       s=90 if r["role"] == "teacher" else 45, alpha=0.85, edgecolors=colour if over else edge,
+                       linewidths=max(1.2, width) if over else width, zorder=3)
         front = pareto_front([(lat, r["top1"]) for r, lat in pts])
         fx = [pts[i][1] for i in front]
         fy = [pts[i][0]["top1"] for i in front]
@@ -76,6 +79,9 @@ def pareto_plot(rows: Sequence[dict[str, Any]], profiles: Sequence[dict[str, Any
         ax.set_ylim(lo - max(1.0, 0.15 * (hi - lo)), hi + max(0.5, 0.05 * (hi - lo)))
     handles = [Line2D([], [], color=c, marker="o", ls="", label=p) for p, c in COLOURS.items()]
     handles += [Line2D([], [], color="grey", marker=m, ls="", label=r) for r, m in MARKERS.items()]
+    if any(r.get("runtime", "onnxruntime") != "onnxruntime" for r in rows):
+        handles.append(Line2D([], [], color="white", marker="o", ls="", markeredgecolor=RUNTIME_EDGES["openvino"][0],
+                              markeredgewidth=RUNTIME_EDGES["openvino"][1], label="OpenVINO"))
     handles += [Line2D([], [], color="black", label="Pareto front"),
                 Line2D([], [], color="grey", ls="--", label="latency budget")]
     if any(p.get("size_budget_kib") is not None for p in profiles):

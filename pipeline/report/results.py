@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.report.metrics import collect_results
-from pipeline.report.rows import best_under_budget, build_rows, label, misses_budgets, pareto_front, row_latency
+from pipeline.report.rows import (
+    RUNTIME_NAMES,
+    best_under_budget,
+    build_rows,
+    label,
+    misses_budgets,
+    pareto_front,
+    row_latency,
+)
 from pipeline.report.significance import read_correct, significance_markdown, significance_rows
 from pipeline.stats import accuracy_interval
 
@@ -169,17 +177,22 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
     env = (benchmark or {}).get("environment", {})
     out = ["# Deployment results", ""]
     if env:
+        versions = env.get("runtimes") or {"onnxruntime": env.get("onnxruntime")}
+        measured = ", ".join(f"{RUNTIME_NAMES.get(r, r)} {v}" for r, v in versions.items() if v)
         out += [f"Measured on {env.get('cpu')} ({env.get('logical_cores')} logical cores, AVX-512 VNNI: "
-                f"{'yes' if env.get('avx512_vnni') else 'no'}), onnxruntime {env.get('onnxruntime')}, "
-                "intra-op spinning off, warm-up excluded. Accuracy is each ONNX file's own, run by onnxruntime on "
+                f"{'yes' if env.get('avx512_vnni') else 'no'}), {measured}, "
+                "intra-op spinning off, warm-up excluded. Accuracy is each ONNX file's own, run by its runtime on "
                 f"the test split ({quantize.get('test_images', '?')} images).", ""]
+        for runtime, why in ((benchmark or {}).get("settings", {}).get("runtimes_skipped") or {}).items():
+            out += [f"Not measured with {RUNTIME_NAMES.get(runtime, runtime)}: {why}.", ""]
     images = quantize.get("test_images")
-    head = ["model", "role", "precision", "top-1 %", "95 % interval", "top-5 %", "params", "MMACs", "KiB"]
+    head = ["model", "role", "runtime", "precision", "top-1 %", "95 % interval", "top-5 %", "params", "MMACs", "KiB"]
     for n in names:
         head += [f"{n} p50 ms", f"{n} p99 ms"]
     out += ["## Models", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"`{r['run']}`", r["role"], r["precision"], _fmt(r["top1"]), _interval(r["top1"], images),
+        cells = [f"`{r['run']}`", r["role"], RUNTIME_NAMES.get(r["runtime"], r["runtime"]), r["precision"],
+                 _fmt(r["top1"]), _interval(r["top1"], images),
                  _fmt(r["top5"]),
                  _fmt(r["params"], ","), _fmt(None if r["macs"] is None else r["macs"] / 1e6, ".3f"),
                  _fmt(r["bytes"] / 1024, ".1f")]
@@ -218,15 +231,19 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
     for key, ex in export["models"].items():
         p = ex["parity"]
         out.append(f"| `{key}` | {p['max_abs_diff']:.2e} | {p['worst_index']} | {p['top1_mismatches']} |")
+    out += runtime_parity_markdown(quantize)
+    out += efficiency_markdown(rows, profiles, benchmark)
+    out += cold_start_markdown(rows, profiles)
     bench_models = (benchmark or {}).get("models", {})
     if any("torch" in v for v in bench_models.values()):
         out += ["", "## PyTorch eager FP32 reference (same run)", "",
                 "| model | profile | eager p50 ms | ONNX FP32 p50 ms | ONNX/eager | INT8 p50 ms |", "|---|---|---|---|---|---|"]
         for key, entry in bench_models.items():
             for n in names:
-                t = ((entry.get("torch") or {}).get("headline") or {}).get(n)
-                f = ((entry.get("fp32") or {}).get("headline") or {}).get(n)
-                q = ((entry.get("int8") or {}).get("headline") or {}).get(n)
+                ort = entry.get("onnxruntime") or {}
+                t = (((entry.get("torch") or {}).get("fp32") or {}).get("headline") or {}).get(n)
+                f = ((ort.get("fp32") or {}).get("headline") or {}).get(n)
+                q = ((ort.get("int8") or {}).get("headline") or {}).get(n)
                 if not t:
                     continue
                 ratio = f["p50_ms"] / t["p50_ms"] if f and t["p50_ms"] else None
@@ -243,9 +260,78 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
     return "\n".join(out)
 
 
+def runtime_parity_markdown(quantize: dict[str, Any]) -> list[str]:
+    """The section on each other runtime's run of every file on the test split, against onnxruntime's."""
+    lines = []
+    for key, acc in quantize["models"].items():
+        for runtime, per in (acc.get("runtimes") or {}).items():
+            for variant, f in per.items():
+                ort_top1 = (acc.get(f["file_variant"]) or {}).get("top1")
+                check = "yes" if f.get("within_tolerance") else "–"
+                lines.append(f"| `{key}` | {RUNTIME_NAMES.get(runtime, runtime)} | {variant} | {f['max_abs_diff']:.2e} | "
+                             f"{f['top1_mismatches']} | {_fmt(f['top1'])} | {_fmt(ort_top1)} | {check} |")
+    if not lines:
+        return []
+    return ["", "## Other runtimes against onnxruntime (same file, whole test split)", "",
+            "FP32 must agree within the export's parity tolerance (the stage fails otherwise); INT8 kernels round "
+            "differently and bf16 keeps 8 bits of mantissa, so their figures are shown, not enforced.", "",
+            "| model | runtime | variant | max abs diff | top-1 mismatches | top-1 % | onnxruntime top-1 % | "
+            "FP32 within tolerance |", "|---|---|---|---|---|---|---|---|", *lines]
+
+
+def efficiency_markdown(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]],
+                        benchmark: dict[str, Any] | None) -> list[str]:
+    """The section on how close each model runs to the GEMM peak of its runtime, per profile."""
+    peaks = (benchmark or {}).get("peak") or {}
+    if not peaks:
+        return []
+    out = ["", "## How close to the hardware's limit", "",
+           "Peak: the best run of a 1024x1024x1024 GEMM through the same runtime and thread count (FP32 `MatMul`, "
+           "INT8 in QDQ form, bf16 where OpenVINO offers it), in GMAC/s. A model's rate is its MACs x its "
+           "throughput at the profile's largest batch.", "",
+           "| runtime | precision | threads | peak GMAC/s | p50 GMAC/s |", "|---|---|---|---|---|"]
+    for runtime, res in peaks.items():
+        for precision, per in (res.get("peaks") or {}).items():
+            for t, f in per.items():
+                out.append(f"| {RUNTIME_NAMES.get(runtime, runtime)} | {precision} | {t if t != '0' else 'all'} | "
+                           f"{_fmt(f['gmacs_per_s'], '.1f')} | {_fmt(f['p50_gmacs_per_s'], '.1f')} |")
+    names = [p["name"] for p in profiles]
+    out += ["", "| model | " + " | ".join(f"{n} GMAC/s | {n} % of peak" for n in names) + " |",
+            "|---|" + "---|---|" * len(names)]
+    for r in rows:
+        if not any((r.get("efficiency") or {}).values()):
+            continue  # not measured (a variant the benchmark leaves out)
+        cells = []
+        for n in names:
+            e = (r.get("efficiency") or {}).get(n)
+            frac = e.get("fraction_of_peak") if e else None
+            cells += [_fmt(e and e["gmacs_per_s"], ".2f"), _fmt(None if frac is None else 100 * frac, ".1f")]
+        out.append(f"| {label(r)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def cold_start_markdown(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]]) -> list[str]:
+    """The section on cold start (runtime import, session creation, first run) and peak memory per runtime."""
+    first = profiles[0]["name"] if profiles else None
+    lines = []
+    for r in rows:
+        c = (r.get("cold_start") or {}).get(first) if first else None
+        if not c:
+            continue
+        total = (r.get("import_ms") or 0.0) + c["session_ms"] + c["first_run_ms"]
+        lines.append(f"| {label(r)} | {_fmt(r.get('import_ms'), '.1f')} | {_fmt(c['session_ms'], '.1f')} | "
+                     f"{_fmt(c['first_run_ms'], '.2f')} | {_fmt(total, '.1f')} | {_fmt(r.get('peak_rss_mb'), '.1f')} |")
+    if not lines:
+        return []
+    return ["", f"## Cold start and memory ({first}, one fresh process per file and runtime)", "",
+            "| model | import ms | session ms | first run ms | cold start ms | peak RSS MiB |",
+            "|---|---|---|---|---|---|", *lines]
+
+
 def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     """The ``report`` stage: write ``reports/results.json``, ``results.md`` and ``pareto.png``."""
     from pipeline.deploy.artifacts import REPORTS, report_file, stage_provenance, tensorrt_dir
+    from pipeline.deploy.device_results import device_profiles
     from pipeline.engine.atomic import atomic_write_json, atomic_write_text
     from pipeline.report.plots import pareto_plot
 
@@ -262,6 +348,7 @@ def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     profiles = [p.model_dump(mode="json") for p in params.benchmark.profiles]
     statistic = params.report.latency_statistic
     rows = build_rows(export, quantize, benchmark, metrics, profiles)
+    profiles += device_profiles(root, dict(params.benchmark.device_budgets), rows)  # measured on the devices
     summary = summarize(rows, profiles, statistic, quantize.get("test_images"))
     evaluated = {r.pop("run"): r for r in collect_results(root)}  # the teacher too, when it is not exported
     significance = significance_rows(evaluated, read_correct(root, list(evaluated)))

@@ -13,34 +13,65 @@ from collections.abc import Sequence
 from typing import Any
 
 ROLE_ORDER = {"teacher": 0, "baseline": 1, "distilled": 2, "online": 3}
-PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
+RUNTIME_ORDER = {"onnxruntime": 0, "openvino": 1}
+RUNTIME_NAMES = {"onnxruntime": "onnxruntime", "openvino": "OpenVINO"}
+
+
+def _peak_precision(precision: str) -> str:
+    """Which GEMM peak a variant is compared with: INT8 and bf16 their own, FP32 and FP16 (run in float32) FP32's."""
+    return precision if precision in ("int8", "bf16") else "fp32"
+
+
+def _efficiency(b: dict[str, Any], macs: float | None, runtime: str, precision: str, profiles: Sequence[dict[str, Any]],
+                peaks: dict[str, Any]) -> dict[str, Any]:
+    """Per profile: achieved GMAC/s at the throughput batch and its fraction of the runtime's GEMM peak there."""
+    from pipeline.deploy.peak import achieved
+
+    out: dict[str, Any] = {}
+    for prof in profiles:
+        h = (b.get("headline") or {}).get(prof["name"])
+        res = (b.get("profiles") or {}).get(prof["name"]) or {}
+        peak = ((peaks.get(runtime) or {}).get("peaks") or {}).get(_peak_precision(precision), {}).get(
+            str(int(res.get("threads", prof.get("threads", 0)))))
+        out[prof["name"]] = None if not h else achieved(macs, h.get("throughput_ips"),
+                                                        peak.get("gmacs_per_s") if peak else None)
+    return out
 
 
 def build_rows(export: dict[str, Any], quantize: dict[str, Any], benchmark: dict[str, Any] | None,
                metrics: dict[str, dict[str, Any]], profiles: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Join the stage reports into rows (one per model x variant), teacher first, then by student and role."""
+    """Join the stage reports into rows (one per model x runtime x variant), teacher first, then by student and role.
+
+    onnxruntime's rows take their accuracy from the quantize stage's own scores, another
+    runtime's rows from that runtime's run of the same file on the test split
+    (``quantize.json`` ``runtimes``); latency, cold start and memory come from the benchmark.
+    """
     rows: list[dict[str, Any]] = []
-    bench_models = (benchmark or {}).get("models", {})
+    bench = benchmark or {}
+    bench_models, peaks = bench.get("models", {}), bench.get("peak", {})
     for key, ex in export["models"].items():
         acc = quantize["models"].get(key, {})
         m = metrics.get(key, {})
-        for precision in ("fp32", "fp16", "int8"):
-            if precision not in acc:
-                continue
-            b = bench_models.get(key, {}).get(precision, {})
-            latency = {}
-            for prof in profiles:
-                h = (b.get("headline") or {}).get(prof["name"])
-                latency[prof["name"]] = h
-            rows.append({
-                "run": key, "bundle": ex.get("bundle"), "role": ex["role"], "student": ex.get("student"),
-                "method": ex.get("method"), "arch": ex.get("arch"), "precision": precision,
-                "top1": acc[precision]["top1"], "top5": acc[precision]["top5"],
-                "params": m.get("params"), "macs": m.get("macs"), "bytes": acc[precision]["bytes"],
-                "peak_rss_mb": b.get("peak_rss_mb"), "latency": latency,
-            })
+        scored = {"onnxruntime": {v: acc[v] for v in PRECISION_ORDER if v in acc},
+                  **{rt: dict(per) for rt, per in (acc.get("runtimes") or {}).items()}}
+        for runtime, variants in scored.items():
+            for precision, score in variants.items():
+                b = bench_models.get(key, {}).get(runtime, {}).get(precision, {})
+                latency = {prof["name"]: (b.get("headline") or {}).get(prof["name"]) for prof in profiles}
+                cold = {name: res.get("cold_start") for name, res in (b.get("profiles") or {}).items()
+                        if res.get("status") == "ok"}
+                rows.append({
+                    "run": key, "bundle": ex.get("bundle"), "role": ex["role"], "student": ex.get("student"),
+                    "method": ex.get("method"), "arch": ex.get("arch"), "runtime": runtime, "precision": precision,
+                    "top1": score["top1"], "top5": score["top5"],
+                    "params": m.get("params"), "macs": m.get("macs"), "bytes": score["bytes"],
+                    "peak_rss_mb": b.get("peak_rss_mb"), "latency": latency,
+                    "import_ms": (b.get("cold_start") or {}).get("import_ms"), "cold_start": cold,
+                    "efficiency": _efficiency(b, m.get("macs"), runtime, precision, profiles, peaks),
+                })
     rows.sort(key=lambda r: (ROLE_ORDER.get(r["role"], 9) > 0, str(r["student"]), ROLE_ORDER.get(r["role"], 9),
-                             str(r["method"]), PRECISION_ORDER[r["precision"]]))
+                             str(r["method"]), RUNTIME_ORDER.get(r["runtime"], 9), PRECISION_ORDER[r["precision"]]))
     return rows
 
 
@@ -97,7 +128,9 @@ def best_under_budget(rows: Sequence[dict[str, Any]], profile: str, budget_ms: f
 
 
 def label(row: dict[str, Any]) -> str:
-    """Short name of a row: ``<student>/<method or baseline> <precision>`` (``teacher <arch>`` for the teacher)."""
+    """Short name of a row: ``<student>/<method or baseline> <precision>`` (``teacher <arch>`` for the teacher),
+    with the runtime after it when it is not onnxruntime (``... int8 OpenVINO``)."""
     who = f"teacher {row['arch']}" if row["role"] == "teacher" else (
         f"{row['student']}/{'baseline' if row['role'] == 'baseline' else row['method']}")
-    return f"{who} {row['precision']}"
+    runtime = row.get("runtime", "onnxruntime")
+    return f"{who} {row['precision']}" + ("" if runtime == "onnxruntime" else f" {RUNTIME_NAMES.get(runtime, runtime)}")

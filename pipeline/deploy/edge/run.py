@@ -12,6 +12,9 @@ Pillow only. ``--model`` must name a file inside this bundle (a bare name such a
 ``model_fp16.onnx`` or ``model_fp16.ort`` is looked up here); the file must match the
 sha256 in ``bundle.json`` unless ``--no-verify`` is given. ``--format ort`` runs the
 ORT-format file of the chosen variant (what a reduced ONNX Runtime Mobile build reads).
+``--runtime openvino`` runs the ``.onnx`` file with OpenVINO instead (``pip install
+openvino``; the default is onnxruntime, or OpenVINO where onnxruntime is missing), and
+``--variant bf16`` runs the fp32 file in OpenVINO's bf16 on CPUs that offer it.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import numpy as np
 from edge_preprocessing import preprocess_image
 from edge_runtime import (
     IMAGE_SUFFIXES,
+    RUNTIMES,
     EdgeError,
     check_model_file,
+    default_runtime,
     load_image,
     open_session,
     resolve_inside,
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("input", help="an image file or a folder of images")
     ap.add_argument("--model", help="a model file (.onnx or .ort) inside this bundle (default: the bundle's default variant)")
-    ap.add_argument("--variant", help="fp32, fp16 or int8 (as listed in bundle.json)")
+    ap.add_argument("--variant", help="fp32, fp16 or int8 (as listed in bundle.json); bf16 with --runtime openvino")
+    ap.add_argument("--runtime", choices=RUNTIMES, help="onnxruntime (default, where installed) or openvino")
     ap.add_argument("--format", choices=FORMATS, default=None,
                     help="onnx (default) or ort: the variant's ORT-format file, as a reduced onnxruntime build runs it")
     ap.add_argument("--top-k", type=int, default=5)
@@ -143,8 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         manifest = read_manifest()
         spec = json.loads((HERE / manifest.get("preprocessing", "preprocessing.json")).read_text(encoding="utf-8"))
         names = list(manifest.get("class_names", []))
-        model = pick_model(manifest, args.model, args.variant, not args.no_verify, args.format)
-        sess = open_session(model, threads=args.threads)
+        runtime = args.runtime or default_runtime()
+        precision = "f32"
+        variant = args.variant
+        if variant == "bf16":  # OpenVINO's variant: the fp32 file run in bf16
+            if runtime != "openvino":
+                raise EdgeError("variant bf16 is the fp32 file run by OpenVINO in bf16: add --runtime openvino")
+            variant, precision = "fp32", "bf16"
+        model = pick_model(manifest, args.model, variant, not args.no_verify, args.format)
+        sess = open_session(model, threads=args.threads, runtime=runtime, precision=precision)
         k = max(1, min(args.top_k, len(names) or args.top_k))
         target = Path(args.input)
         if target.is_dir():
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         (res,) = classify(sess, spec, [target], 1)
         if isinstance(res, EdgeError):
             raise res
-        print(f"{target}  (model {model.name})")
+        print(f"{target}  (model {model.name}, {runtime}" + (", bf16)" if precision == "bf16" else ")"))
         for rank, (cls, score) in enumerate(top_k(res, names, k), start=1):
             print(f"{rank:2d}. {cls:<24s} {score:.4f}")
         return 0
