@@ -20,7 +20,7 @@
    achieved MAC/s >= 50 % of the FP32 GEMM peak measured in the same run through the
    same runtime (reported whatever it is, with the operator types the time goes to,
    from onnxruntime's profiler); OpenVINO f32 vs onnxruntime max |delta logit| <= 1e-4
-   for those models and every ``exports/onnx/**/model_fp32.onnx`` under ``--root``.
+   for those models and every ``exports/onnx/**/model.onnx`` (the FP32 exports) under ``--root``.
 
     python benchmarks/deploy_targets.py                       # ./runs, threads 1 and all cores
     python benchmarks/deploy_targets.py --train               # train what is missing (scratch folder)
@@ -259,7 +259,7 @@ def runtime_targets(rounds: int, root: Path, q: Any) -> tuple[dict[str, Any], bo
             out["models"].append(row)
             fp32_files = [(m["name"], m["fp32"], m["size"])]
             out["parity"] += _parity_rows(fp32_files)
-        exported = sorted((root / "exports" / "onnx").glob("**/model_fp32.onnx"))
+        exported = sorted((root / "exports" / "onnx").glob("**/model.onnx"))
         out["parity"] += _parity_rows([(str(f.parent.relative_to(root / "exports" / "onnx")), f, None)
                                        for f in exported])
     ok &= all(r["pass"] for r in out["parity"])

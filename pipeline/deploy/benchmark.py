@@ -167,11 +167,11 @@ def environment() -> dict[str, Any]:
                 flags = line
     except OSError:
         pass
+    installed = edge_runtime.installed_runtimes()
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "avx512_vnni": "avx512_vnni" in flags,
             "platform": platform.platform(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__,
-            "runtimes": {r: edge_runtime.runtime_version(r) if r in edge_runtime.installed_runtimes() else None
-                         for r in edge_runtime.RUNTIMES}}
+            "runtimes": {r: edge_runtime.runtime_version(r) if r in installed else None for r in edge_runtime.RUNTIMES}}
 
 
 def benchmark_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.report.metrics import collect_results
 from pipeline.report.rows import (
+    PRECISION_ORDER,
     RUNTIME_NAMES,
     best_under_budget,
     build_rows,
@@ -265,7 +266,7 @@ def runtime_parity_markdown(quantize: dict[str, Any]) -> list[str]:
     lines = []
     for key, acc in quantize["models"].items():
         for runtime, per in (acc.get("runtimes") or {}).items():
-            for variant, f in per.items():
+            for variant, f in sorted(per.items(), key=lambda kv: PRECISION_ORDER.get(kv[0], 9)):
                 ort_top1 = (acc.get(f["file_variant"]) or {}).get("top1")
                 check = "yes" if f.get("within_tolerance") else "–"
                 lines.append(f"| `{key}` | {RUNTIME_NAMES.get(runtime, runtime)} | {variant} | {f['max_abs_diff']:.2e} | "
@@ -295,7 +296,7 @@ def efficiency_markdown(rows: list[dict[str, Any]], profiles: Sequence[dict[str,
             for t, f in per.items():
                 out.append(f"| {RUNTIME_NAMES.get(runtime, runtime)} | {precision} | {t if t != '0' else 'all'} | "
                            f"{_fmt(f['gmacs_per_s'], '.1f')} | {_fmt(f['p50_gmacs_per_s'], '.1f')} |")
-    names = [p["name"] for p in profiles]
+    names = [p["name"] for p in profiles if not p.get("device")]  # this host's peaks: not a device's
     out += ["", "| model | " + " | ".join(f"{n} GMAC/s | {n} % of peak" for n in names) + " |",
             "|---|" + "---|---|" * len(names)]
     for r in rows:

@@ -133,13 +133,11 @@ def session_options(threads: int = 0, graph_optimization: str = "all", spinning:
 
 def installed_runtimes() -> list[str]:
     """The runtimes of :data:`RUNTIMES` that import here, in that order (a broken install counts as missing)."""
-    import importlib
-
     found = []
     for name in RUNTIMES:
         try:
-            importlib.import_module(name)
-        except Exception:  # ImportError, or whatever a broken wheel raises at import
+            check_runtime(name)
+        except EdgeError:
             continue
         found.append(name)
     return found
@@ -166,7 +164,7 @@ def _openvino() -> Any:
 
 def default_runtime() -> str:
     """The runtime a bundle's tools use when none is named: onnxruntime, or OpenVINO where onnxruntime is missing."""
-    for name in RUNTIMES:
+    for name in RUNTIMES:  # in order, importing no more than needed
         try:
             check_runtime(name)
         except EdgeError:
