@@ -67,6 +67,9 @@ def make_workspace(dest: Path, params: dict) -> Path:
         shutil.copytree(REPO / item, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
     for item in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy2(REPO / item, dest / item)
+    # the report stage's real-device input, as a fresh clone has it (this checkout's filed devices stay out)
+    (dest / "device_results").mkdir()
+    shutil.copy2(REPO / "device_results" / "README.md", dest / "device_results" / "README.md")
     write_params(dest / "params.yaml", params)
     return init_repo(dest)
 
