@@ -146,3 +146,19 @@ def test_the_rule_finds_a_missing_dep(tmp_path: Path):
             "stages/distill.py", "stages/_common.py", "pipeline/params.py"} <= rel
     assert "pipeline/distill/offline/kd.py" not in rel and "pipeline/config/deploy.py" not in rel
     assert not any(p.startswith("pipeline/report/") for p in rel)
+
+
+def test_a_device_budget_reruns_only_the_report():
+    """The bundle and benchmark stages list the benchmark keys they read one by one, leaving out
+    ``device_budgets`` (the report's alone): a device's budget must not re-measure every model. A new
+    benchmark key must be listed there too, or a change to it would not re-run the benchmark."""
+    from pipeline.config.deploy import BenchmarkConfig
+
+    keys = {name: set(k) for name, _, _, k in _stages()}
+    fields = {f"benchmark.{f}" for f in BenchmarkConfig.model_fields}
+    assert "benchmark" not in keys["benchmark"] and "benchmark" not in keys["bundle"]
+    assert {k for k in keys["benchmark"] if k.startswith("benchmark.")} == fields - {"benchmark.device_budgets"}
+    assert {k for k in keys["bundle"] if k.startswith("benchmark.")} == {
+        "benchmark.variants", "benchmark.warmup", "benchmark.iterations", "benchmark.max_seconds",
+        "benchmark.profiles"}
+    assert "benchmark" in keys["report"]
