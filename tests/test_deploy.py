@@ -348,14 +348,19 @@ def test_runner_prints_top5_without_torch_or_pipeline(ws, bundle_copy, tmp_path)
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
 
 
-def test_runner_folder_csv_matches_the_test_split(ws, bundle_copy, tmp_path):
-    root, params = ws
-    bdir, env = bundle_copy
-    raw, _ = _test_images(params, 12)
-    folder = tmp_path / "imgs"
+def _image_folder(params, n: int, folder: Path) -> Path:
+    """The first ``n`` test images as PNG files ``000.png``, ``001.png``, ... in a new ``folder``."""
+    raw, _ = _test_images(params, n)
     folder.mkdir()
     for i, img in enumerate(raw):
         Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_runner_folder_csv_matches_the_test_split(ws, bundle_copy, tmp_path):
+    root, params = ws
+    bdir, env = bundle_copy
+    folder = _image_folder(params, 12, tmp_path / "imgs")
     proc = _run(["run.py", str(folder), "--variant", "fp32"], bdir, env)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
@@ -375,11 +380,7 @@ def test_runner_runs_the_bundle_with_openvino_too(ws, bundle_copy, tmp_path):
 
     root, params = ws
     bdir, env = bundle_copy
-    raw, _ = _test_images(params, 8)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i, img in enumerate(raw):
-        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    folder = _image_folder(params, 8, tmp_path / "imgs")
     runs = {}
     for runtime in ("onnxruntime", "openvino"):
         proc = _run(["run.py", str(folder), "--variant", "fp32", "--runtime", runtime], bdir, env)

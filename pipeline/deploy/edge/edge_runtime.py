@@ -478,7 +478,7 @@ def measure_peak(
     whose inputs are fed seeded random data of their own shape and type. The best run's
     rate (the p50 is recorded as well) is the practical peak a model could reach on this
     machine with that runtime and thread count. ``precision`` is OpenVINO's inference
-    precision (bf16: the peak of its bf16 variant).
+    precision, which a GEMM's own ``"hint"`` overrides (bf16: the peak of its bf16 variant).
     """
     check_runtime(runtime)
     rng = np.random.default_rng(0)
@@ -488,7 +488,7 @@ def measure_peak(
         per_threads: dict[str, Any] = {}
         for t in threads:
             if runtime == "openvino":
-                sess = _openvino().OpenVinoSession(path, int(t), precision)
+                sess = _openvino().OpenVinoSession(path, int(t), str(gemm.get("hint", precision)))
             else:
                 sess = import_onnxruntime().InferenceSession(str(path), session_options(int(t)),
                                                              providers=["CPUExecutionProvider"])
