@@ -62,7 +62,7 @@ def test_splits_are_disjoint_and_cover_the_pool() -> None:
     assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(labels)))
     # The built test split holds exactly those pool images, in that order.
     s = digits(seed=3)
-    raw = load_digits().images[test] / 16.0
+    raw = np.round(load_digits().images[test] * 255 / 16) / 255  # the 8-bit rendering a PNG of the digit holds
     x, y = stack(s.test)
     assert np.array_equal(y, labels[test])
     assert np.allclose(x.numpy()[:, 0] * s.std[0] + s.mean[0], raw, atol=1e-5)
@@ -204,7 +204,7 @@ def test_preprocessing_spec_content() -> None:
     s = digits()
     spec = preprocessing_spec(s)
     json.dumps(spec)
-    assert spec["size"] == 8 and spec["channels"] == 1 and spec["mode"] == "L" and spec["scale"] == 16.0
+    assert spec["size"] == 8 and spec["channels"] == 1 and spec["mode"] == "L" and spec["scale"] == 255.0
     assert spec["layout"] == "NCHW" and spec["resize"]["method"] == "bilinear"
     assert spec["mean"] == list(s.mean) and spec["std"] == list(s.std)
     rgb = preprocessing_spec(build_data(DataConfig(name="synthetic"), 0))
@@ -216,7 +216,7 @@ def test_preprocess_image_reproduces_the_test_split(size: int | None) -> None:
     s = digits(seed=3, image_size=size)
     spec = preprocessing_spec(s)
     _, _, test = split_pool(load_digits().target, 0.15, 0.2, seed=3)
-    raw = load_digits().images[test]
+    raw = np.round(load_digits().images[test] * 255 / 16).astype(np.uint8)  # 8-bit grey, as an image file holds
     for i in (0, 7, 100):
         assert np.allclose(preprocess_image(spec, raw[i])[0], s.test[i][0].numpy(), atol=1e-6)
 

@@ -1,9 +1,16 @@
 """``digits``: scikit-learn's bundled handwritten digits, the embedded default dataset.
 
-1797 grey images of 8x8 pixels with values 0..16, 10 classes, shipped inside
-scikit-learn (nothing is downloaded). Train/val/test is a fixed stratified split
-derived from the seed (``test_fraction`` and ``val_fraction`` of all samples).
-Pixels are divided by 16; images stay 8x8 unless ``data.image_size`` is set.
+1797 grey images of 8x8 pixels, 10 classes, shipped inside scikit-learn (nothing is
+downloaded). Train/val/test is a fixed stratified split derived from the seed
+(``test_fraction`` and ``val_fraction`` of all samples). Images stay 8x8 unless
+``data.image_size`` is set.
+
+scikit-learn stores each pixel as a count of 0..16. The pipeline trains on the 8-bit
+rendering of it (:func:`to_8bit`: ``round(value x 255 / 16)``, what a PNG of the digit
+holds, 0 black and 255 white ink) divided by 255, like every other dataset here: so a
+bundle's preprocessing divides an ordinary 8-bit image file by 255 and the model sees
+exactly the tensors it was trained on. (Dividing the raw counts by 16 instead would
+train on 0..1 values that no image file on a device holds.)
 Horizontal flips are off by default: a mirrored digit is another symbol (or none).
 """
 
@@ -22,7 +29,17 @@ if TYPE_CHECKING:
     from pipeline.config.training import DataConfig
 
 NATIVE_SIZE = 8
-SCALE = 16.0
+#: The largest raw value of a pixel in scikit-learn's table.
+RAW_MAX = 16
+SCALE = 255.0
+
+
+def to_8bit(raw: np.ndarray) -> np.ndarray:
+    """The digits' raw 0..16 pixel counts as 8-bit grey levels, ``round(value x 255 / 16)`` (uint8).
+
+    Exact halves round to even (only 8 -> 127.5 -> 128 occurs).
+    """
+    return np.round(np.asarray(raw, dtype=np.float64) * (255.0 / RAW_MAX)).astype(np.uint8)
 
 
 def _read_digits() -> np.ndarray:
@@ -42,9 +59,9 @@ def _read_digits() -> np.ndarray:
 
 @register_dataset("digits")
 def build_digits(cfg: DataConfig, seed: int) -> DataSplits:
-    """Build the digits splits: raw values 0..16 kept as uint8, scaled by 1/16, optionally resized."""
+    """Build the digits splits: 8-bit grey images (:func:`to_8bit`), scaled by 1/255, optionally resized."""
     raw = _read_digits()
-    images = torch.from_numpy(raw[:, :64].astype(np.uint8).reshape(-1, 1, 8, 8))  # [N, 1, 8, 8], 0..16
+    images = torch.from_numpy(to_8bit(raw[:, :64]).reshape(-1, 1, 8, 8))  # [N, 1, 8, 8], 0..255
     labels = raw[:, 64].astype(np.int64)
     pool = ArrayStore(images, SCALE, cfg.image_size or NATIVE_SIZE)
     train, val, test = split_pool(labels, cfg.val_fraction, cfg.test_fraction, seed)

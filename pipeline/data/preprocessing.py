@@ -7,7 +7,7 @@ reproduces the evaluation tensors of the datasets exactly.
 
 Steps, in order:
 1. convert the image to ``mode`` (``"L"`` grey, ``"RGB"`` colour) when it is a Pillow image;
-2. take its pixels as float32 and divide by ``scale`` (255, or 16 for the digits' 0..16 values);
+2. take its pixels as float32 and divide by ``scale`` (255 for the 8-bit images every dataset trains on);
 3. if its side differs from ``size``: resize each channel as a Pillow ``"F"`` (float32) image
    to ``size x size`` with the BILINEAR filter (aspect ratio not kept);
 4. per channel ``(x - mean) / std``;
