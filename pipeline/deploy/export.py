@@ -179,12 +179,24 @@ def onnx_logits(path: Path, images: np.ndarray, batch_size: int = 256, threads: 
     return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
 
 
+def ranked_classes(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` best classes of each row, best first; of equal logits the lower class index ranks first.
+
+    The tie rule matters for INT8 files: their logits are dequantized integers, so two
+    classes often share the top value exactly. It is the rule of ``argmax`` and of the
+    bundle's ``run.py`` (a stable sort), so every score here is what a device computes.
+    (``argpartition`` breaks such ties by its selection algorithm's order, which is what
+    made an INT8 file's top-1 in the quantize stage differ from a fresh ``argmax``.)
+    """
+    return np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
+
+
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Share (%) of rows whose label is among the ``k`` largest logits (k capped at the class count)."""
+    """Share (%) of rows whose label is among the ``k`` best classes (:func:`ranked_classes`; k capped at the class count)."""
     if len(labels) == 0:
         return float("nan")
     k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
+    top = ranked_classes(logits, k)
     return float(100.0 * (top == labels[:, None]).any(axis=1).mean())
 
 
