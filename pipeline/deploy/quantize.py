@@ -21,7 +21,10 @@ runner feeds every variant the same arrays. (``onnxconverter-common`` offers the
 converter but is not needed.)
 
 The accuracy reported for a variant is that of the file itself run by onnxruntime on
-the whole test split, never an estimate from PyTorch.
+the whole test split, never an estimate from PyTorch. Every file's prediction for each
+test image, per runtime, goes to ``reports/predictions.json`` (:data:`PREDICTIONS_FORMAT`):
+the paired tests of the report compare files image by image, and a fresh process (a
+bundle's ``run.py`` on the test split written as image files) must reproduce them.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ from pipeline.deploy.export import onnx_logits, topk_accuracy
 from pipeline.deploy.metadata import META_PREFIX, read_metadata, set_metadata
 
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
+#: ``reports/predictions.json``: ``{"labels": [...], "models": {run: {runtime: {variant: [class per image]}}}}``.
+PREDICTIONS_FORMAT = "kdpipe-predictions/1"
 
 
 class ArrayCalibrationReader:
@@ -212,16 +217,21 @@ def tag_variant(path: Path, source_meta: dict[str, Any], precision: str, extra: 
 
 
 def score(path: Path, images: np.ndarray, labels: np.ndarray, batch_size: int,
-          logits_out: dict[str, np.ndarray] | None = None, variant: str = "") -> dict[str, Any]:
+          logits_out: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
     """Top-1/top-5 (%) of one ONNX file on the given images, run by onnxruntime.
 
-    The logits go into ``logits_out[variant]`` when given (the reference other runtimes are compared with).
+    The logits go into ``logits_out[variant]`` (the reference other runtimes are compared
+    with, and where the stage takes each image's prediction from).
     """
     logits = onnx_logits(path, images, batch_size)
-    if logits_out is not None:
-        logits_out[variant] = logits
+    logits_out[variant] = logits
     return {"top1": round(topk_accuracy(logits, labels, 1), 4), "top5": round(topk_accuracy(logits, labels, 5), 4),
             "bytes": path.stat().st_size}
+
+
+def _classes(logits: np.ndarray) -> list[int]:
+    """Each image's predicted class (the first largest logit, as ``argmax`` and the bundle's ``run.py`` take it)."""
+    return [int(c) for c in np.asarray(logits).argmax(axis=1)]
 
 
 def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
@@ -245,6 +255,7 @@ def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     runtimes, skipped = available_runtimes(list(params.benchmark.runtimes))
     inside = {"provenance": stage_provenance(params, sections, root, git=False)}  # no commit inside model files
     report: dict[str, Any] = {}
+    predictions: dict[str, Any] = {}
     with atomic_dir(quantized_dir(root)) as tmp:
         for dep in deployable_runs(params):
             if dep.key not in exported:
@@ -274,16 +285,22 @@ def quantize_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
                                           histogram_bins=cfg.histogram_bins, batch_size=cfg.calibration_batch_size)
                     tag_variant(out, source_meta, "int8", {"quantization": {**recipe, **facts, "activation_type": "int8",
                                                                             "target": "tensorrt"}, **inside})
-                    entry[TRT_INT8] = score(out, images, labels, params.export.batch_size)
+                    entry[TRT_INT8] = score(out, images, labels, params.export.batch_size, logits, TRT_INT8)
             if cfg.fp16:
                 out = convert_fp16(fp32, tmp / dep.key / "model_fp16.onnx")
                 tag_variant(out, source_meta, "fp16", inside)
                 entry["fp16"] = score(out, images, labels, params.export.batch_size, logits, "fp16")
                 files["fp16"] = out
+            other: dict[str, dict[str, np.ndarray]] = {}
             entry["runtimes"] = score_with_runtimes(
                 files, logits, images, labels, runtimes, atol=params.export.parity_atol,
-                rtol=params.export.parity_rtol, batch_size=params.export.batch_size, label=dep.key)
+                rtol=params.export.parity_rtol, batch_size=params.export.batch_size, label=dep.key,
+                logits_out=other)
+            predictions[dep.key] = {"onnxruntime": {v: _classes(x) for v, x in logits.items()},
+                                    **{rt: {v: _classes(x) for v, x in per.items()} for rt, per in other.items()}}
             report[dep.key] = entry
+    atomic_write_json(report_file(root, "predictions"), {"format": PREDICTIONS_FORMAT, "test_images": int(len(labels)),
+                                                         "labels": [int(y) for y in labels], "models": predictions})
     atomic_write_json(report_file(root, "quantize"), {"models": report, "recipe": recipe,
                                                       "test_images": int(len(labels)),
                                                       "runtimes": runtimes, "runtimes_skipped": skipped,

@@ -28,12 +28,13 @@ REFERENCE = "onnxruntime"
 
 def score_with_runtimes(files: dict[str, Path], reference: dict[str, np.ndarray], images: np.ndarray,
                         labels: np.ndarray, runtimes: list[str], *, atol: float, rtol: float, batch_size: int,
-                        label: str) -> dict[str, Any]:
+                        label: str, logits_out: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """``{runtime: {variant: figures}}`` for one model; ``reference`` holds onnxruntime's logits per file variant.
 
     Figures: top1, top5 (%), max/mean |Δlogit| against onnxruntime on the same file,
     top-1 mismatches, and whether FP32 is within ``atol + rtol x |logit|``. Raises
-    :class:`DeployError` when the FP32 file is not.
+    :class:`DeployError` when the FP32 file is not. Each run's logits go into
+    ``logits_out[runtime][variant]`` when given.
     """
     out: dict[str, Any] = {}
     for runtime in runtimes:
@@ -42,6 +43,8 @@ def score_with_runtimes(files: dict[str, Path], reference: dict[str, np.ndarray]
         out[runtime] = {}
         for variant, file_variant, precision in runtime_variants(runtime, list(files)):
             logits = onnx_logits(files[file_variant], images, batch_size, runtime=runtime, precision=precision)
+            if logits_out is not None:
+                logits_out.setdefault(runtime, {})[variant] = logits
             entry: dict[str, Any] = {"file_variant": file_variant, "precision": precision,
                                      "top1": round(topk_accuracy(logits, labels, 1), 4),
                                      "top5": round(topk_accuracy(logits, labels, 5), 4),
