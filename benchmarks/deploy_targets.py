@@ -225,7 +225,8 @@ def _runtime_models(tmp: Path, q: Any) -> list[dict[str, Any]]:
 
 def runtime_targets(rounds: int, root: Path, q: Any) -> tuple[dict[str, Any], bool]:
     """Issue 16: INT8 speed-up over FP32 across runtimes, FP32 share of the GEMM peak, OpenVINO parity."""
-    from pipeline.deploy.edge.edge_runtime import installed_runtimes, measure_peak, open_session
+    from pipeline.deploy.edge.edge_measure import measure_peak
+    from pipeline.deploy.edge.edge_runtime import installed_runtimes, open_session
     from pipeline.deploy.peak import write_gemm_models
 
     if "openvino" not in installed_runtimes():

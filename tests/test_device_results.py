@@ -23,7 +23,8 @@ from pipeline import cli
 from pipeline.deploy.artifacts import DeployError
 from pipeline.deploy.bundle import make_bundle
 from pipeline.deploy.device_results import RESULTS_FORMAT, device_profiles, import_results
-from pipeline.deploy.edge.edge_runtime import headline, installed_runtimes
+from pipeline.deploy.edge.edge_measure import headline
+from pipeline.deploy.edge.edge_runtime import installed_runtimes
 from tests.conftest import REPO
 from tests.test_deploy import _blocking_env
 
@@ -66,7 +67,7 @@ def tiny_workspace(root: Path, seed: int) -> Path:
                     class_names=["a", "b", "c"],
                     info={"run": run, "role": "distilled", "arch": "tiny", "student": "tiny", "method": run.split("/")[0],
                           "source_sha256": f"{seed:02d}{i:02d}" * 16, "accuracy": {}},
-                    benchmark={"profiles": PROFILES, "warmup": 1, "iterations": 5, "max_seconds": 0.2,
+                    benchmark={"profiles": PROFILES, "warmup": 1, "iterations": 5, "max_seconds": 0.2, "rounds": 6,
                                "variants": ["fp32", "int8"]},
                     tensorrt={"status": "skipped", "reason": "no TensorRT here", "precisions": ["fp16"],
                               "batches": [1, 2, 4], "workspace_mb": 64})
@@ -119,7 +120,8 @@ def test_bench_json_is_a_device_results_document(ws, measured):
     assert doc["device"]["cpu"] and doc["device"]["logical_cores"] == os.cpu_count()
     assert set(doc["device"]["runtimes"]) == {"onnxruntime", "openvino"}
     assert doc["device"]["runtimes"]["onnxruntime"]
-    assert doc["settings"] == {"warmup": 1, "iterations": 5, "max_seconds": 0.2, "profiles": PROFILES}
+    assert doc["settings"] == {"warmup": 1, "iterations": 5, "max_seconds": 0.2, "profiles": PROFILES,
+                               "rounds": manifest["benchmark"]["rounds"]}
     assert list(doc["results"]) == ["onnxruntime"]  # the default runtime where onnxruntime is installed
     for variant in ("fp32", "int8"):
         res = doc["results"]["onnxruntime"][variant]
@@ -129,6 +131,10 @@ def test_bench_json_is_a_device_results_document(ws, measured):
         assert res["profiles"]["accel"]["status"] == "skipped"
         stats = res["profiles"]["edge-1core"]["batches"]
         assert sorted(stats) == ["1", "2"] and stats["1"]["runs"] >= 5 and stats["2"]["p50_ms"] > 0
+        for st in stats.values():  # the median over interleaved rounds, with its 95 % interval
+            assert st["rounds"] == manifest["benchmark"]["rounds"] and st["ci_level"] == 0.95
+            assert st["p50_ci_ms"][0] <= st["p50_ms"] <= st["p50_ci_ms"][1]
+        assert res["graph_sha256"] == manifest["models"][variant]["graph_sha256"]
         assert res["cold_start"]["import_ms"] >= 0 and res["peak_rss_mb"] > 0
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # the temp file was renamed
 
@@ -196,7 +202,8 @@ def test_import_files_accumulates_and_replaces(ws, measured, tmp_path):
     assert sorted(json.loads((root / "device_results" / "pi5.json").read_text())["bundles"]) == ["tiny-baseline",
                                                                                                  "tiny-kd"]
     again = copy.deepcopy(kd_doc)
-    again["results"]["onnxruntime"]["fp32"]["profiles"]["edge-1core"]["batches"]["1"]["p50_ms"] = 123.0
+    again["results"]["onnxruntime"]["fp32"]["profiles"]["edge-1core"]["batches"]["1"].update(
+        p50_ms=123.0, p50_ci_ms=[120.0, 125.0])
     (tmp_path / "again.json").write_text(json.dumps(again))
     proc = kdpipe("device-results", "import", str(tmp_path / "again.json"), "--device", "pi5", "--root", str(root))
     assert proc.returncode == 0 and "replaced the results of tiny-kd" in proc.stdout, proc.stderr
@@ -236,6 +243,12 @@ BAD = {
     "mistyped p50": (lambda d: _set(d, "fast", "results", "onnxruntime", "fp32", "profiles", "edge-1core", "batches",
                                     "1", "p50_ms"),
                      "results.onnxruntime.fp32.profiles.edge-1core.batches.1.p50_ms must be int or float"),
+    "interval without p50": (lambda d: _set(d, [9.0, 9.5], "results", "onnxruntime", "fp32", "profiles", "edge-1core",
+                                            "batches", "1", "p50_ci_ms"),
+                             "results.onnxruntime.fp32.profiles.edge-1core.batches.1.p50_ci_ms = [9.0, 9.5] does "
+                             "not contain p50_ms"),
+    "malformed interval": (lambda d: _set(d, [1.0], "results", "onnxruntime", "int8", "profiles", "edge-1core",
+                                          "batches", "1", "p99_ci_ms"), "must be [low, high] in ms, got [1.0]"),
     "unknown runtime": (lambda d: _set(d, {}, "results", "tflite"), "unknown runtime"),
     "unknown bundle": (lambda d: _set(d, "tiny-dkd", "bundle"), "bundle 'tiny-dkd' is not among"),
     "another run": (lambda d: _set(d, "dkd/tiny", "run"), "run is 'dkd/tiny'"),

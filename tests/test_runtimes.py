@@ -18,12 +18,11 @@ import pytest
 import torch
 
 from pipeline.deploy.edge import edge_openvino
+from pipeline.deploy.edge.edge_measure import measure_model, measure_peak
 from pipeline.deploy.edge.edge_runtime import (
     EdgeError,
     available_runtimes,
     input_facts,
-    measure_model,
-    measure_peak,
     open_session,
     runtime_variants,
 )
@@ -159,7 +158,7 @@ def test_a_missing_openvino_is_skipped_with_the_reason_and_bench_default(model_f
                                    "pip install -e '.[openvino]')"}
     spec = {"model": str(model_file), "profiles": [{"name": "a", "threads": 1}], "warmup": 1, "iterations": 5,
             "max_seconds": 0.05, "runtime": "openvino"}
-    proc = subprocess.run([sys.executable, str(EDGE / "edge_runtime.py"), "measure", json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, str(EDGE / "edge_measure.py"), "cold", json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     error = json.loads(proc.stdout.strip().splitlines()[-1])["error"]

@@ -160,5 +160,5 @@ def test_a_device_budget_reruns_only_the_report():
     assert {k for k in keys["benchmark"] if k.startswith("benchmark.")} == fields - {"benchmark.device_budgets"}
     assert {k for k in keys["bundle"] if k.startswith("benchmark.")} == {
         "benchmark.variants", "benchmark.warmup", "benchmark.iterations", "benchmark.max_seconds",
-        "benchmark.profiles"}
+        "benchmark.rounds", "benchmark.profiles"}
     assert "benchmark" in keys["report"]

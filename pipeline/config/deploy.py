@@ -108,8 +108,9 @@ class BenchmarkConfig(Strict):
     variants: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: list(PRECISIONS), description="ONNX variants to measure")
     torch_reference: bool = Field(True, description="also measure PyTorch eager FP32 in the same run")
     warmup: int = Field(10, ge=1, le=10000, description="untimed runs before measuring (per batch size)")
-    iterations: int = Field(200, ge=5, le=1_000_000, description="timed runs per batch size (fewer if max_seconds is reached first)")
-    max_seconds: float = Field(2.0, gt=0.0, le=3600.0, description="time cap per measurement; at least 5 timed runs are always made")
+    iterations: int = Field(200, ge=5, le=1_000_000, description="timed runs per file and batch size, split across the rounds (fewer if max_seconds is reached first)")
+    max_seconds: float = Field(2.0, gt=0.0, le=3600.0, description="time cap per file and batch size, split across the rounds; at least 5 timed runs per round are always made")
+    rounds: int = Field(9, ge=1, le=1000, description="interleaved timing rounds: every file of a runtime and profile is timed once per round, round-robin; latency is the median over rounds with a 95 % interval (at least 6 rounds for an order-statistic interval; fewer give the rounds' range)")
     profiles: list[DeviceProfile] = Field(default_factory=_default_profiles, min_length=1)
     runtimes: list[Literal["onnxruntime", "openvino"]] = Field(default_factory=lambda: list(RUNTIMES), min_length=1, description="runtimes every model x variant is measured with, where installed (openvino: pip install -e '.[openvino]'); OpenVINO adds a bf16 variant on CPUs that offer it")
     peak: bool = Field(True, description="also time a large FP32 and INT8 GEMM per runtime and thread count: the practical peak the report compares each model's MAC/s with")
@@ -145,3 +146,5 @@ class ReportConfig(Strict):
 
     latency_statistic: Literal["p50", "p90", "p99"] = Field("p50", description="latency figure the Pareto plot and the budgets use")
     plot_dpi: int = Field(120, ge=50, le=600)
+    pick: Literal["cheapest_within_noise", "most_accurate"] = Field("cheapest_within_noise", description="the budget pick among the models that fit: cheapest_within_noise takes, of the models not significantly less accurate than the most accurate (exact McNemar, alpha), the fastest beyond noise, then the smallest file, then the most accurate; most_accurate takes the most accurate (one test image can decide)")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="significance level of the paired test (exact McNemar on the same test images) below which two models' accuracies differ beyond noise, for the picks and the Pareto front")

@@ -9,9 +9,10 @@ A bundle holds everything a device needs and nothing it cannot run::
       required_operators.config                           their operators, for a reduced onnxruntime build
       labels.txt                                          class names, one per line
       preprocessing.json                                  how a raw image becomes the input
-      bundle.json                                         manifest: files + sha256, accuracy, profiles
+      bundle.json                                         manifest: files + sha256 (+ graph's), accuracy, profiles
       run.py  bench.py                                    runner and latency table (numpy, onnxruntime, Pillow)
-      edge_runtime.py  edge_openvino.py                   their helpers: loading, timing; OpenVINO (optional)
+      edge_runtime.py  edge_openvino.py                   their helpers: loading, sessions; OpenVINO (optional)
+      edge_measure.py  edge_timing.py                     measurement: cold start, memory, interleaved rounds
       edge_preprocessing.py                               (copies of the pipeline's own code)
       build_engine.py  build_engines.sh                   TensorRT build: Python API and trtexec
       requirements.txt  README.md
@@ -47,6 +48,7 @@ from pipeline.deploy.artifacts import (
     tensorrt_dir,
     variant_file,
 )
+from pipeline.deploy.graph_identity import graph_sha256
 from pipeline.deploy.ort_mobile import ORT_LEVEL, ORT_STYLE, convert_to_ort, ort_parity
 from pipeline.engine.atomic import file_sha256
 
@@ -56,6 +58,8 @@ RUNTIME_FILES = {
     "run.py": EDGE_DIR / "run.py",
     "bench.py": EDGE_DIR / "bench.py",
     "edge_runtime.py": EDGE_DIR / "edge_runtime.py",
+    "edge_measure.py": EDGE_DIR / "edge_measure.py",
+    "edge_timing.py": EDGE_DIR / "edge_timing.py",
     "edge_openvino.py": EDGE_DIR / "edge_openvino.py",
     "build_engine.py": EDGE_DIR / "build_engine.py",
     "edge_preprocessing.py": Path(__file__).resolve().parent.parent / "data" / "preprocessing.py",
@@ -258,7 +262,7 @@ def make_bundle(
             shutil.copyfile(data, dest / data.name)
         acc = info.get("accuracy", {}).get(variant, {})
         entries[variant] = {"file": target.name, "sha256": file_sha256(target), "bytes": target.stat().st_size,
-                            "top1": acc.get("top1"), "top5": acc.get("top5")}
+                            "graph_sha256": graph_sha256(target), "top1": acc.get("top1"), "top5": acc.get("top5")}
         if variant == TRT_INT8:
             entries[variant]["use"] = "TensorRT INT8 engines (symmetric QDQ); slower than model_int8.onnx in onnxruntime"
     ort_section = _add_ort_files(dest, entries, models, name) if ort else {"enabled": False}
@@ -365,7 +369,8 @@ def bundle_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     trt_status = read_json(tensorrt_dir(root) / "status.json", "tensorrt")
     bench = params.benchmark
     benchmark = {"profiles": [p.model_dump(mode="json") for p in bench.profiles], "warmup": bench.warmup,
-                 "iterations": bench.iterations, "max_seconds": bench.max_seconds, "variants": list(bench.variants)}
+                 "iterations": bench.iterations, "max_seconds": bench.max_seconds, "rounds": bench.rounds,
+                 "variants": list(bench.variants)}
     tensorrt = {"status": trt_status.get("status"), "reason": trt_status.get("reason"),
                 "precisions": list(params.tensorrt.precisions),
                 "batches": [params.tensorrt.min_batch, params.tensorrt.opt_batch, params.tensorrt.max_batch],

@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline.config.deploy import DEVICE_NAME, RUNTIMES
 from pipeline.deploy.artifacts import BUNDLES, DeployError
-from pipeline.deploy.edge.edge_runtime import headline
+from pipeline.deploy.edge.edge_measure import headline
 from pipeline.engine.atomic import atomic_write_json
 
 #: What the bundle's ``bench.py --json`` writes (``pipeline/deploy/edge/bench.py``).
@@ -137,9 +137,29 @@ def _validate_entry(doc: dict, path: tuple[str, ...], what: str) -> None:
             if not str(b).isdigit():
                 raise DeployError(f"{what}: {'.'.join(prof)}.batches.{b}: a batch size must be a whole number")
             _field(doc, (*prof, "batches", b, "batch"), int, what)
-            for stat in ("p50_ms", "p90_ms", "p99_ms"):
-                _number(doc, (*prof, "batches", b, stat), what)
+            for stat in ("p50", "p90", "p99"):
+                _number(doc, (*prof, "batches", b, f"{stat}_ms"), what)
+                _interval(doc, (*prof, "batches", b), stat, what)
             _number(doc, (*prof, "batches", b, "throughput_ips"), what, optional=True)
+    if _field(doc, path, dict, what).get("graph_sha256") is not None:
+        _field(doc, (*path, "graph_sha256"), str, what)
+
+
+def _interval(doc: dict, batch: tuple[str, ...], stat: str, what: str) -> None:
+    """``<stat>_ci_ms`` (bench.py of a bundle that times in rounds): absent, or [low, high] around ``<stat>_ms``.
+
+    Results of older bundles carry no interval; the report treats their latency as a point.
+    """
+    entry = _field(doc, batch, dict, what)
+    if f"{stat}_ci_ms" not in entry:
+        return
+    ci = entry[f"{stat}_ci_ms"]
+    where = ".".join((*batch, f"{stat}_ci_ms"))
+    if (not isinstance(ci, list) or len(ci) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                            and math.isfinite(v) for v in ci)):
+        raise DeployError(f"{what}: field {where} must be [low, high] in ms, got {_short(ci)}")
+    if not ci[0] <= entry[f"{stat}_ms"] <= ci[1]:
+        raise DeployError(f"{what}: field {where} = {ci} does not contain {stat}_ms = {entry[f'{stat}_ms']}")
 
 
 def measured_profile(doc: dict, what: str = "device results") -> dict[str, Any]:

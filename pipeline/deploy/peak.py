@@ -1,7 +1,7 @@
 """GEMM models that measure this machine's practical peak, and how close a model runs to it.
 
 The benchmark times two square matrix products through each runtime and thread count
-(``edge_runtime.py peak``): FP32 (``MatMul``) and INT8 in the QDQ form our INT8 models
+(``edge_measure.py peak``): FP32 (``MatMul``) and INT8 in the QDQ form our INT8 models
 use (uint8 activations, int8 per-tensor weights, a constant weight the runtimes fold
 into their integer kernels). The best run's multiply-accumulates per second is the
 peak a model could reach there; a model's achieved rate is its MACs times its
@@ -22,7 +22,7 @@ GEMM_SIZE = 1024
 def write_gemm_models(folder: Path, n: int = GEMM_SIZE) -> list[dict[str, Any]]:
     """Write ``gemm_fp32.onnx`` and ``gemm_int8.onnx`` (``[n, n] @ [n, n]``) into ``folder``; their specs.
 
-    Each spec is ``{"precision", "model", "macs"}`` as :func:`edge_runtime.measure_peak` takes it.
+    Each spec is ``{"precision", "model", "macs"}`` as :func:`edge_measure.measure_peak` takes it.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper

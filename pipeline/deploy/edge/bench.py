@@ -2,10 +2,13 @@
 
 For each runtime, model variant and device profile (threads, batch sizes, execution
 providers; the defaults come from ``bundle.json``, i.e. the pipeline's params), prints
-p50/p90/p99 latency and throughput per batch size, the file size and the peak memory
-of the process. Each model runs in its own process (``edge_runtime.py measure``) so its
-peak memory is its own; warm-up runs are excluded and onnxruntime's intra-op spinning
-is off. Needs numpy and onnxruntime only (or OpenVINO instead of, or beside, it).
+p50/p90/p99 latency with the p50's 95 % interval and throughput per batch size, the file
+size and the peak memory of the process. Measured as the pipeline's benchmark measures
+(``edge_measure.py``): each model in a process of its own for its cold start and peak
+memory, then all models of a runtime timed together in ``--rounds`` interleaved rounds
+(round-robin, so a drift of the device hits all alike; each percentile is the median
+over rounds). Warm-up runs are excluded and onnxruntime's intra-op spinning is off.
+Needs numpy and onnxruntime only (or OpenVINO instead of, or beside, it).
 
 ``--runtime onnxruntime openvino`` measures with both; OpenVINO also runs the fp32 file
 in bf16 (its own variant) on CPUs that offer it. ``--json results.json`` writes the
@@ -29,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edge_measure import DEFAULT_ROUNDS, measure_files
 from edge_runtime import (
     RUNTIMES,
     EdgeError,
@@ -52,28 +56,6 @@ def read_manifest() -> dict:
         return json.loads((HERE / "bundle.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise EdgeError(f"cannot read the bundle manifest {HERE / 'bundle.json'}: {err}") from None
-
-
-def measure_in_subprocess(model: Path, profiles: list[dict], warmup: int, iterations: int, max_seconds: float,
-                          timeout: float | None = None, runtime: str = "onnxruntime",
-                          precision: str = "f32") -> dict:
-    """Run ``edge_runtime.py measure`` on one model with ``runtime`` in a fresh interpreter; its JSON result.
-
-    A fresh process per model keeps each peak memory and cold start its own. A failure
-    (bad file, a runtime that refuses the model) is an :class:`EdgeError` naming both.
-    """
-    spec = {"model": str(model), "profiles": profiles, "warmup": warmup, "iterations": iterations,
-            "max_seconds": max_seconds, "runtime": runtime, "precision": precision}
-    proc = subprocess.run([sys.executable, str(HERE / "edge_runtime.py"), "measure", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
-    try:
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise EdgeError(f"measuring {model.name} with {runtime} failed (exit {proc.returncode}): {tail[0]}") from None
-    if "error" in result:
-        raise EdgeError(result["error"])
-    return result
 
 
 def _openvino_module():  # noqa: ANN202 - the bundle's edge_openvino, or None
@@ -211,8 +193,8 @@ def plan(targets: list[tuple[str, Path, str]], runtimes: list[str],
 
 def table(rows: list[dict]) -> str:
     """The latency rows as an aligned text table."""
-    cols = ["runtime", "model", "profile", "threads", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput_ips",
-            "file_kb", "peak_rss_mb"]
+    cols = ["runtime", "model", "profile", "threads", "batch", "p50_ms", "p50_95%_interval", "p90_ms", "p99_ms",
+            "throughput_ips", "file_kb", "peak_rss_mb"]
     cells = [[str(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.rjust(w) if i > 2 else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731,B905 (Python 3.9 devices)
@@ -230,6 +212,7 @@ def table_rows(runtime: str, label: str, res: dict) -> list[dict]:
         for b, st in prof["batches"].items():
             rows.append({"runtime": runtime, "model": label, "profile": pname, "threads": prof["threads"] or "all",
                          "batch": b, "p50_ms": st["p50_ms"], "p90_ms": st["p90_ms"], "p99_ms": st["p99_ms"],
+                         "p50_95%_interval": "{}-{}".format(*st["p50_ci_ms"]) if st.get("p50_ci_ms") else "",
                          "throughput_ips": st["throughput_ips"], "file_kb": round(res["file_bytes"] / 1024, 1),
                          "peak_rss_mb": res.get("peak_rss_mb")})
     return rows
@@ -267,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--iterations", type=int)
     ap.add_argument("--max-seconds", type=float)
+    ap.add_argument("--rounds", type=int, help="interleaved timing rounds (default: bundle.json's, else "
+                                               f"{DEFAULT_ROUNDS}; at least 6 for a 95 %% interval)")
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check against bundle.json")
     ap.add_argument("--json", help="also write the results as a device-results document to this file "
                                    "(for: kdpipe device-results import FILE --device NAME)")
@@ -290,13 +275,21 @@ def main(argv: list[str] | None = None) -> int:
         warmup = args.warmup if args.warmup is not None else int(bench.get("warmup", 10))
         iterations = args.iterations if args.iterations is not None else int(bench.get("iterations", 200))
         max_seconds = args.max_seconds if args.max_seconds is not None else float(bench.get("max_seconds", 2.0))
+        rounds = args.rounds if args.rounds is not None else int(bench.get("rounds", DEFAULT_ROUNDS))
+        if rounds < 1:
+            raise EdgeError(f"--rounds must be at least 1, got {rounds}")
+        graphs = {m["file"]: m.get("graph_sha256") for m in manifest.get("models", {}).values()}
         rows: list[dict] = []
         results: dict = {r: {} for r in runtimes}
-        for runtime, label, path, sha, precision in steps:
-            res = measure_in_subprocess(path, profiles, warmup, iterations, max_seconds, runtime=runtime,
-                                        precision=precision)
-            results[runtime][label] = {"status": "ok", **res, "file": path.name, "sha256": sha}
-            rows += table_rows(runtime, label, res)
+        for runtime in runtimes:
+            mine = [s for s in steps if s[0] == runtime]
+            measured = measure_files([(str(s[2]), s[4]) for s in mine], profiles, warmup, iterations, max_seconds,
+                                     rounds, runtime, progress=lambda line: print(line, file=sys.stderr, flush=True))
+            for (_, label, path, sha, _), res in zip(mine, measured):  # noqa: B905 (Python 3.9 devices)
+                results[runtime][label] = {"status": "ok", **res, "file": path.name, "sha256": sha}
+                if graphs.get(path.name):
+                    results[runtime][label]["graph_sha256"] = graphs[path.name]
+                rows += table_rows(runtime, label, res)
         print(table(rows))
         if args.json:
             now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 (datetime.UTC is 3.11+; devices run 3.9)
@@ -304,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                    "source_sha256": manifest.get("source_sha256"), "device": device_info(),
                    "measured_at": now.isoformat(timespec="seconds"),
                    "settings": {"warmup": warmup, "iterations": iterations, "max_seconds": max_seconds,
-                                "profiles": profiles},
+                                "rounds": rounds, "profiles": profiles},
                    "results": results}
             try:
                 write_json_atomic(Path(args.json), doc)
