@@ -95,11 +95,13 @@ def _cmd_results(args: argparse.Namespace) -> int:
             print(f"  {st['run']}: {st['vs_alone']:+.2f} points, {verdict(st)}")
     report = Path(args.root) / "reports" / "results.json"
     if report.is_file():  # the deployment report's pick per device profile, once the report stage has run
+        from pipeline.report.results import profile_lines
+
         profiles = json.loads(report.read_text()).get("profiles", {})
         if profiles:
-            print(f"\npick per device profile ({report}):")
+            print(f"\npick and Pareto front per device profile ({report}):")
         for name, s in profiles.items():
-            print(f"  {name}: {(s.get('pick') or {}).get('model', 'none')}. {s.get('why', '')}".rstrip())
+            print("\n".join(profile_lines(name, s)))
     return 0
 
 

@@ -2,11 +2,13 @@
 
 Inputs (written by earlier stages): ``reports/export.json`` (which models, roles,
 parity), ``reports/quantize.json`` (top-1/top-5 and size of every ONNX file, run by
-onnxruntime on the test split), ``reports/benchmark.json`` (latency per device
-profile), ``metrics/<run>.json`` (parameters and MACs from the evaluate stage) and
-``plots/confusion/<run>.json`` (each test image's prediction, for the paired tests of
-:mod:`pipeline.report.significance`).
-The rows, their Pareto front and budget pick are computed by :mod:`pipeline.report.rows`.
+onnxruntime on the test split), ``reports/predictions.json`` (each file's class per test
+image, per runtime: the paired tests of the picks and fronts), ``reports/benchmark.json``
+(latency per device profile, with 95 % intervals), ``metrics/<run>.json`` (parameters and
+MACs from the evaluate stage) and ``plots/confusion/<run>.json`` (each test image's
+prediction, for the paired tests of :mod:`pipeline.report.significance`).
+The rows are joined by :mod:`pipeline.report.rows`; their Pareto front and budget pick,
+beyond noise only, are decided by :mod:`pipeline.report.decisions`.
 Outputs: ``reports/results.json``, ``reports/results.md`` and (via
 :mod:`pipeline.report.plots`) ``reports/pareto.png``. Both results files end with the
 provenance of every input (kdpipe version, git revision, params hash, library versions,
@@ -21,19 +23,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.report.metrics import collect_results
-from pipeline.report.rows import (
-    PRECISION_ORDER,
-    RUNTIME_NAMES,
-    best_under_budget,
-    build_rows,
-    label,
-    misses_budgets,
-    pareto_front,
-    row_latency,
+from pipeline.report.decisions import (
+    PREDICTIONS_FORMAT,
+    Interval,
+    Noise,
+    RowKey,
+    best_variants,
+    choose,
+    correct_from_predictions,
+    explain,
+    latency_interval,
+    ms,
+    noise_front,
 )
+from pipeline.report.metrics import collect_results
+from pipeline.report.rows import PRECISION_ORDER, RUNTIME_NAMES, build_rows, label, row_latency
 from pipeline.report.significance import read_correct, significance_markdown, significance_rows
-from pipeline.stats import accuracy_interval
+from pipeline.stats import ALPHA, accuracy_interval
 
 
 def _read(path: Path, stage: str) -> Any:
@@ -42,65 +48,50 @@ def _read(path: Path, stage: str) -> Any:
     return read_json(path, stage)
 
 
-def summarize(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]], statistic: str,
-              test_images: int | None = None) -> dict[str, Any]:
-    """Pareto front, budget pick and the pick's explanation per profile.
+def _brief(row: dict[str, Any], profile: str, statistic: str) -> dict[str, Any]:
+    """A row as the summary names it: label, run, runtime, precision, bundle, top-1, latency with interval, KiB."""
+    lat = latency_interval(row, profile, statistic)
+    return {"model": label(row), "run": row["run"], "runtime": row.get("runtime", "onnxruntime"),
+            "precision": row["precision"], "bundle": row.get("bundle"), "top1": row["top1"],
+            "latency_ms": None if lat is None else lat.point,
+            "latency_ci_ms": None if lat is None else [lat.low, lat.high], "kib": round(row["bytes"] / 1024, 1)}
 
-    The pick is the most accurate row that meets the profile's latency budget and fits its
-    size budget. ``why`` says in words how many rows fit, which more accurate rows were
-    left out and by which budget, and (given ``test_images``) how many fitting rows lie
-    inside the pick's 95 % interval, i.e. are not shown worse by this test set.
+
+def summarize(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]], statistic: str,
+              test_images: int | None = None, rule: str = "cheapest_within_noise",
+              correct: dict[RowKey, list[bool]] | None = None, alpha: float = ALPHA) -> dict[str, Any]:
+    """Pareto front (in tie groups), budget pick and the pick's explanation per profile.
+
+    Both decide only beyond noise (:mod:`pipeline.report.decisions`): accuracy by the exact
+    McNemar test on the per-image ``correct`` of each row (``(run, runtime, precision)`` ->
+    right/wrong per test image; rows without them compare top-1 as points), latency by
+    separated 95 % intervals, the same graph a latency tie. The pick follows ``rule``
+    (``report.pick``); ``why`` says in words what fits, the reference and what is within
+    noise of it, why the pick won, which more accurate rows each budget left out, and (rows
+    without predictions, given ``test_images``) what the pick's 95 % interval holds.
     """
+    noise = Noise(dict(correct or {}), alpha)
     out: dict[str, Any] = {}
     for prof in profiles:
         name = prof["name"]
-        measured = [(i, row_latency(r, name, statistic)) for i, r in enumerate(rows)]
-        measured = [(i, lat) for i, lat in measured if lat is not None]
-        front = pareto_front([(lat, rows[i]["top1"]) for i, lat in measured])
+        groups = noise_front(rows, name, statistic, noise)
         budget, size = prof.get("latency_budget_ms"), prof.get("size_budget_kib")
-        pick = best_under_budget(rows, name, budget, statistic, size) if budget is not None or size is not None \
-            else None
+        chosen = choose(rows, name, budget, size, statistic, rule, noise) \
+            if budget is not None or size is not None else None
+        pick = chosen.row if chosen else None
         out[name] = {
             "statistic": statistic,
-            "pareto_front": [label(rows[measured[j][0]]) for j in front],
+            "rule": rule,
+            "pareto_front": [label(r) for g in groups for r in g],
+            "pareto_groups": [[_brief(r, name, statistic) for r in g] for g in groups],
             "budget_ms": budget,
             "size_budget_kib": size,
-            "pick": None if pick is None else {"model": label(pick), "run": pick["run"], "precision": pick["precision"],
-                                               "bundle": pick["bundle"], "top1": pick["top1"],
-                                               "latency_ms": row_latency(pick, name, statistic),
-                                               "kib": round(pick["bytes"] / 1024, 1)},
-            "why": _explain_pick(rows, name, budget, size, statistic, pick, test_images)
-            if budget is not None or size is not None else "",
+            "pick": None if pick is None else _brief(pick, name, statistic),
+            "reference": None if chosen is None or chosen.reference is None else label(chosen.reference),
+            "within_noise": [] if chosen is None or chosen.row is None else [label(r) for r in chosen.candidates],
+            "why": explain(chosen, rows, name, budget, size, statistic, noise, test_images) if chosen else "",
         }
     return out
-
-
-def _explain_pick(rows: list[dict[str, Any]], profile: str, budget: float | None, size: float | None,
-                  statistic: str, pick: dict[str, Any] | None, test_images: int | None) -> str:
-    """The budget pick in words: what fits, what more accurate rows each budget left out, what is within noise."""
-    reasons = {id(r): misses_budgets(r, profile, budget, size, statistic) for r in rows}
-    fitting = [r for r in rows if not reasons[id(r)]]
-    limits = " and ".join(x for x in (f"{statistic} <= {budget:g} ms" if budget is not None else "",
-                                      f"file <= {size:g} KiB" if size is not None else "") if x)
-    words = [f"{len(fitting)} of {len(rows)} models meet {limits}."]
-    if pick is None:
-        return " ".join(words + ["None fits, so there is no pick."])
-    words.append(f"The pick, {label(pick)}, is the most accurate of them ({pick['top1']:.2f} %).")
-    better = sorted((r for r in rows if reasons[id(r)] and r["top1"] > pick["top1"]), key=lambda r: -r["top1"])
-    if better:
-        shown = "; ".join(f"{label(r)} ({r['top1']:.2f} %: {', '.join(reasons[id(r)])})" for r in better[:3])
-        more = f" and {len(better) - 3} more" if len(better) > 3 else ""
-        words.append(f"More accurate but left out: {shown}{more}.")
-    else:
-        words.append("No model that misses the budgets is more accurate.")
-    if test_images:
-        low, high = _top1_interval(pick["top1"], test_images)
-        close = [r for r in fitting if r is not pick and r["top1"] >= low]
-        some = "1 other fitting model has" if len(close) == 1 else f"{len(close)} other fitting models have"
-        words.append(f"{some} top-1 inside the pick's 95 % interval ({low:.2f}-{high:.2f} %): on {test_images} "
-                     f"test images the pick is not shown better than {'it' if len(close) == 1 else 'them'}."
-                     if close else f"No other fitting model reaches the pick's 95 % interval ({low:.2f}-{high:.2f} %).")
-    return " ".join(words)
 
 
 def provenance_sources(export: dict[str, Any], quantize: dict[str, Any], benchmark: dict[str, Any] | None,
@@ -170,10 +161,12 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
              export: dict[str, Any], quantize: dict[str, Any], benchmark: dict[str, Any] | None,
              tensorrt: dict[str, Any] | None, statistic: str,
              provenance: dict[str, dict[str, Any]] | None = None,
-             significance: list[dict[str, Any]] | None = None) -> str:
-    """``reports/results.md``: the rows as a table with each top-1's 95 % interval, what distillation buys (when
-    given, from :func:`pipeline.report.significance.significance_rows`), the budget picks, INT8 drop, parity,
-    eager reference and (when given, from :func:`provenance_sources`) the provenance of every input."""
+             significance: list[dict[str, Any]] | None = None, best: list[dict[str, Any]] | None = None) -> str:
+    """``reports/results.md``, what a person reads first first: the budget picks and why, the one-screen summary
+    (``best``, from :func:`model_summary`), the Pareto front per profile in tie groups; then the full table
+    with each top-1's and p50's 95 % interval, what distillation buys (when given, from
+    :func:`pipeline.report.significance.significance_rows`), INT8 drop, parity, efficiency, cold start, eager
+    reference and (when given, from :func:`provenance_sources`) the provenance of every input."""
     names = [p["name"] for p in profiles]
     env = (benchmark or {}).get("environment", {})
     out = ["# Deployment results", ""]
@@ -187,10 +180,16 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
         for runtime, why in ((benchmark or {}).get("settings", {}).get("runtimes_skipped") or {}).items():
             out += [f"Not measured with {RUNTIME_NAMES.get(runtime, runtime)}: {why}.", ""]
     images = quantize.get("test_images")
+    rule = next((s.get("rule") for s in summary.values() if s.get("rule")), "cheapest_within_noise")
+    out += picks_markdown(summary, names, statistic, rule)
+    if best:
+        out += [""] + best_markdown(best, names, images, rule, statistic)
+    out += [""] + front_markdown(summary, names, statistic)
     head = ["model", "role", "runtime", "precision", "top-1 %", "95 % interval", "top-5 %", "params", "MMACs", "KiB"]
     for n in names:
         head += [f"{n} p50 ms", f"{n} p99 ms"]
-    out += ["## Models", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["", "## Models", "", "Every file run by every runtime; p50 with its 95 % interval.", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r['run']}`", r["role"], RUNTIME_NAMES.get(r["runtime"], r["runtime"]), r["precision"],
                  _fmt(r["top1"]), _interval(r["top1"], images),
@@ -198,23 +197,11 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
                  _fmt(r["params"], ","), _fmt(None if r["macs"] is None else r["macs"] / 1e6, ".3f"),
                  _fmt(r["bytes"] / 1024, ".1f")]
         for n in names:
-            cells += [_fmt(row_latency(r, n, "p50"), ".3f"), _fmt(row_latency(r, n, "p99"), ".3f")]
+            p50 = latency_interval(r, n, "p50")
+            cells += [p50.text() if p50 else "–", ms(row_latency(r, n, "p99"))]
         out.append("| " + " | ".join(cells) + " |")
     if significance:
         out += [""] + significance_markdown(significance)[:-1]
-    out += ["", f"## Best model under each profile's budgets ({statistic} latency, file size)", "",
-            "| profile | latency budget ms | size budget KiB | pick | top-1 % | latency ms | KiB | "
-            "Pareto front (fastest first) |", "|---|---|---|---|---|---|---|---|"]
-    for n in names:
-        s = summary[n]
-        pick = s["pick"]
-        out.append(f"| {n} | {_fmt(s['budget_ms'], 'g')} | {_fmt(s.get('size_budget_kib'), 'g')} | "
-                   f"{pick['model'] if pick else 'none meets the budgets'} | "
-                   f"{_fmt(pick['top1']) if pick else '–'} | {_fmt(pick['latency_ms'], '.3f') if pick else '–'} | "
-                   f"{_fmt(pick.get('kib'), '.1f') if pick else '–'} | {', '.join(s['pareto_front']) or '–'} |")
-    whys = [f"- **{n}**: {summary[n]['why']}" for n in names if summary[n].get("why")]
-    if whys:
-        out += ["", "Why each pick:", ""] + whys
     out += ["", "## INT8 against FP32 (top-1 %)", "",
             "| model | FP32 | FP16 | INT8 | INT8 drop (points) | within budget | INT8 for TensorRT (symmetric) |",
             "|---|---|---|---|---|---|---|"]
@@ -259,6 +246,110 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
         out += [""] + provenance_markdown(provenance)
     out += ["", "![accuracy against latency](pareto.png)", ""]
     return "\n".join(out)
+
+
+def _latency_cell(entry: dict[str, Any]) -> str:
+    """A summary entry's latency (``latency_ms``, ``latency_ci_ms``) as ``point [low–high]``."""
+    point, ci = entry.get("latency_ms"), entry.get("latency_ci_ms")
+    if point is None:
+        return "–"
+    low, high = ci if ci else (point, point)
+    return latency_text(point, low, high)
+
+
+def latency_text(point: float, low: float, high: float) -> str:
+    """``point [low–high]`` in ms (the point alone when the interval is the point)."""
+    return Interval(point, min(low, point), max(high, point)).text()
+
+
+def profile_lines(name: str, s: dict[str, Any]) -> list[str]:
+    """One profile's pick and Pareto front as ``kdpipe results`` prints them, latencies with their intervals."""
+    stat = s.get("statistic", "p50")
+    pick = s.get("pick")
+    shown = (f"{pick['model']} ({_fmt(pick['top1'])} %, {stat} {_latency_cell(pick)} ms, {_fmt(pick.get('kib'), '.1f')} "
+             f"KiB; rule {s.get('rule', 'most_accurate')})") if pick else "none"
+    out = [f"  {name}: {shown}. {s.get('why', '')}".rstrip()]
+    groups = s.get("pareto_groups") or [[{"model": m}] for m in s.get("pareto_front", [])]
+    if groups:
+        out.append(f"    Pareto front, fastest first ({stat} ms [95 % interval]; = ties within noise):")
+    for k, group in enumerate(groups, start=1):
+        out.append(f"    {k}. " + " = ".join(f"{g['model']} ({_fmt(g.get('top1'))} %, {_latency_cell(g)})"
+                                              for g in group))
+    return out
+
+
+def picks_markdown(summary: dict[str, Any], names: Sequence[str], statistic: str, rule: str) -> list[str]:
+    """The opening section: each profile's budgets, its pick (top-1, latency with interval, KiB), and why."""
+    out = [f"## Picks ({statistic} latency with its 95 % interval, file size; rule `{rule}`)", "",
+           f"| profile | latency budget ms | size budget KiB | pick | top-1 % | {statistic} ms [95 % interval] | KiB "
+           "| rule |", "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        s = summary[n]
+        pick = s["pick"]
+        out.append(f"| {n} | {_fmt(s['budget_ms'], 'g')} | {_fmt(s.get('size_budget_kib'), 'g')} | "
+                   f"{pick['model'] if pick else ('none meets the budgets' if s.get('why') else 'no budget')} | "
+                   f"{_fmt(pick['top1']) if pick else '–'} | {_latency_cell(pick) if pick else '–'} | "
+                   f"{_fmt(pick.get('kib'), '.1f') if pick else '–'} | {s.get('rule', rule)} |")
+    whys = [f"- **{n}**: {summary[n]['why']}" for n in names if summary[n].get("why")]
+    if whys:
+        out += ["", "Why each pick:", ""] + whys
+    return out
+
+
+def model_summary(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]], statistic: str, rule: str,
+                  correct: dict[RowKey, list[bool]] | None = None, alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """One entry per model and runtime: its best variant by ``rule`` among its own (no budget, latency under the
+    first profile), with top-1, KiB and per profile the latency with its interval (``latency`` in results.json's
+    ``summary``)."""
+    first = profiles[0]["name"] if profiles else None
+    out = []
+    for r in best_variants(rows, first, statistic, rule, Noise(dict(correct or {}), alpha)):
+        entry = {k: v for k, v in _brief(r, first or "", statistic).items() if not k.startswith("latency")}
+        entry["latency"] = {}
+        for p in profiles:
+            lat = latency_interval(r, p["name"], statistic)
+            entry["latency"][p["name"]] = None if lat is None else {"ms": lat.point, "ci_ms": [lat.low, lat.high]}
+        out.append(entry)
+    return out
+
+
+def best_markdown(best: list[dict[str, Any]], names: Sequence[str], images: int | None, rule: str,
+                  statistic: str) -> list[str]:
+    """The one-screen summary: one row per model and runtime, its best variant by the rule, intervals."""
+    out = ["## Summary: each model's best variant per runtime", "",
+           f"The variant rule `{rule}` takes among the model's own files with no budget ({statistic} latency of "
+           f"the first profile); {statistic} with its 95 % interval.", "",
+           "| model | runtime | variant | top-1 % | 95 % interval | " + " | ".join(f"{n} {statistic} ms" for n in names)
+           + " | KiB |", "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+    for b in best:
+        cells = []
+        for n in names:
+            lat = (b.get("latency") or {}).get(n)
+            cells.append(latency_text(lat["ms"], *lat["ci_ms"]) if lat else "–")
+        who = b["model"].rsplit(" ", 2 if b["runtime"] != "onnxruntime" else 1)[0]
+        out.append(f"| {who} | {RUNTIME_NAMES.get(b['runtime'], b['runtime'])} | {b['precision']} | "
+                   f"{_fmt(b['top1'])} | {_interval(b['top1'], images)} | " + " | ".join(cells)
+                   + f" | {_fmt(b['kib'], '.1f')} |")
+    return out
+
+
+def front_markdown(summary: dict[str, Any], names: Sequence[str], statistic: str) -> list[str]:
+    """The Pareto front per profile, fastest group first, one row per model; a group of models that tie on both
+    axes within noise shares a number."""
+    out = ["## Pareto front per profile (fastest first; beyond noise only, ties grouped)", "",
+           f"| profile | # | model | top-1 % | {statistic} ms [95 % interval] | KiB |", "|---|---|---|---|---|---|"]
+    for n in names:
+        groups = summary[n].get("pareto_groups") or []
+        if not groups:
+            out.append(f"| {n} | – | not measured | – | – | – |")
+        for k, group in enumerate(groups, start=1):
+            tag = f"{k} (tie of {len(group)})" if len(group) > 1 else str(k)
+            for g in group:
+                out.append(f"| {n} | {tag} | {g['model']} | {_fmt(g['top1'])} | {_latency_cell(g)} | "
+                           f"{_fmt(g['kib'], '.1f')} |")
+    return out + ["", "A model is on the front when no other is better beyond noise on one axis (exact McNemar "
+                  "p < alpha on the same test images; separated 95 % latency intervals) and not worse beyond "
+                  "noise on the other; files of one graph (equal `graph_sha256`) tie in latency."]
 
 
 def runtime_parity_markdown(quantize: dict[str, Any]) -> list[str]:
@@ -329,6 +420,20 @@ def cold_start_markdown(rows: list[dict[str, Any]], profiles: Sequence[dict[str,
             "|---|---|---|---|---|---|", *lines]
 
 
+def read_predictions(path: Path) -> dict[str, Any] | None:
+    """``reports/predictions.json`` (each file's class per test image, per runtime), or None when the quantize
+    stage of an older workspace did not write it; a file of another format is a DeployError."""
+    from pipeline.deploy.artifacts import DeployError
+
+    if not path.is_file():
+        return None
+    doc = _read(path, "quantize")
+    if doc.get("format") != PREDICTIONS_FORMAT:
+        raise DeployError(f"{path} has format {doc.get('format')!r}, not {PREDICTIONS_FORMAT!r}: re-run the "
+                          "quantize stage (dvc repro quantize)")
+    return doc
+
+
 def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     """The ``report`` stage: write ``reports/results.json``, ``results.md`` and ``pareto.png``."""
     from pipeline.deploy.artifacts import REPORTS, report_file, stage_provenance, tensorrt_dir
@@ -347,22 +452,26 @@ def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
         if f.is_file():
             metrics[key] = json.loads(f.read_text())
     profiles = [p.model_dump(mode="json") for p in params.benchmark.profiles]
-    statistic = params.report.latency_statistic
+    statistic, rule, alpha = params.report.latency_statistic, params.report.pick, params.report.alpha
+    correct = correct_from_predictions(read_predictions(report_file(root, "predictions")))
     rows = build_rows(export, quantize, benchmark, metrics, profiles)
     profiles += device_profiles(root, dict(params.benchmark.device_budgets), rows)  # measured on the devices
-    summary = summarize(rows, profiles, statistic, quantize.get("test_images"))
+    summary = summarize(rows, profiles, statistic, quantize.get("test_images"), rule, correct, alpha)
+    best = model_summary(rows, profiles, statistic, rule, correct, alpha)
     evaluated = {r.pop("run"): r for r in collect_results(root)}  # the teacher too, when it is not exported
     significance = significance_rows(evaluated, read_correct(root, list(evaluated)))
     sources = provenance_sources(export, quantize, benchmark, tensorrt, metrics,
                                  stage_provenance(params, ("benchmark", "report"), root))
-    result = {"rows": rows, "profiles": summary, "statistic": statistic, "significance": significance,
+    result = {"rows": rows, "profiles": summary, "statistic": statistic, "pick_rule": rule, "alpha": alpha,
+              "summary": best, "significance": significance,
               "environment": benchmark.get("environment", {}),
               "tensorrt": None if tensorrt is None else {"status": tensorrt.get("status"),
                                                          "reason": tensorrt.get("reason")},
               "provenance": sources}
-    pareto_plot(rows, profiles, statistic, root / REPORTS / "pareto.png", dpi=params.report.plot_dpi)
+    pareto_plot(rows, profiles, statistic, root / REPORTS / "pareto.png", dpi=params.report.plot_dpi,
+                fronts={name: s["pareto_groups"] for name, s in summary.items()})
     atomic_write_text(root / REPORTS / "results.md",
                       markdown(rows, summary, profiles, export, quantize, benchmark, tensorrt, statistic, sources,
-                               significance))
+                               significance, best))
     atomic_write_json(root / REPORTS / "results.json", result)
     return result

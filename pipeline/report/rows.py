@@ -1,4 +1,8 @@
-"""The rows of the deployment report and what is computed on them: latency, Pareto front, budget pick, label.
+"""The rows of the deployment report and what is computed on them: latency, budgets, label.
+
+:func:`pareto_front` and :func:`best_under_budget` compare raw points (the ``most_accurate``
+pick rule); the report's front and its default pick decide beyond noise only
+(:mod:`pipeline.report.decisions`).
 
 One row per deployed model x precision, joined from the deploy stages' reports and the
 evaluate metrics (:func:`build_rows`). Both :mod:`pipeline.report.results` (tables,
@@ -45,7 +49,9 @@ def build_rows(export: dict[str, Any], quantize: dict[str, Any], benchmark: dict
 
     onnxruntime's rows take their accuracy from the quantize stage's own scores, another
     runtime's rows from that runtime's run of the same file on the test split
-    (``quantize.json`` ``runtimes``); latency, cold start and memory come from the benchmark.
+    (``quantize.json`` ``runtimes``); latency (with its intervals where the benchmark gives them),
+    cold start, memory and ``graph_sha256`` (the graph without its weights: equal hashes run one
+    graph) come from the benchmark.
     """
     rows: list[dict[str, Any]] = []
     bench = benchmark or {}
@@ -66,7 +72,7 @@ def build_rows(export: dict[str, Any], quantize: dict[str, Any], benchmark: dict
                     "method": ex.get("method"), "arch": ex.get("arch"), "runtime": runtime, "precision": precision,
                     "top1": score["top1"], "top5": score["top5"],
                     "params": m.get("params"), "macs": m.get("macs"), "bytes": score["bytes"],
-                    "peak_rss_mb": b.get("peak_rss_mb"), "latency": latency,
+                    "peak_rss_mb": b.get("peak_rss_mb"), "graph_sha256": b.get("graph_sha256"), "latency": latency,
                     "import_ms": (b.get("cold_start") or {}).get("import_ms"), "cold_start": cold,
                     "efficiency": _efficiency(b, m.get("macs"), runtime, precision, profiles, peaks),
                 })

@@ -1,0 +1,360 @@
+"""The report's decisions that measurement noise cannot move: who dominates whom, the Pareto front, the budget pick.
+
+Two rows (a model file run by one runtime at one precision) differ only beyond noise:
+
+* **accuracy**: the exact McNemar test (:func:`pipeline.stats.paired_test`) of their
+  predictions on the same test images (``reports/predictions.json``) gives p < alpha
+  (0.05 by default, ``report.alpha``). Where either row has no per-image predictions
+  (an old workspace) there is nothing to pair, and their top-1 are compared as points:
+  any difference counts, as the report did before. That never makes the pick less
+  accurate than it should be, only the front longer than it need be;
+* **latency** under a profile: their 95 % intervals of the reported statistic
+  (``<stat>_ci_ms`` in the benchmark's headline) are separated, i.e. one's upper end lies
+  below the other's lower end. A latency without an interval (an old file, a device
+  without one) is the point ``[v, v]``. Two rows with the same ``graph_sha256``, runtime
+  and precision run the same graph (only the weights differ): their latency ties by
+  construction, whatever the intervals say.
+
+A row dominates another when it is better beyond noise on one axis and not worse beyond
+noise on the other (:meth:`Noise.dominates`). The front (:func:`noise_front`) is every
+measured row no other dominates, in tie groups: front rows that tie on both axes. The
+budget pick (:func:`choose`) follows ``report.pick``. Only intervals, graphs and test
+images decide: latency points that move inside their intervals move nothing. Nothing
+here reads files or needs torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.report.rows import best_under_budget, label, misses_budgets, row_latency
+from pipeline.stats import ALPHA, accuracy_interval, paired_test
+
+#: The budget pick rules (``report.pick``).
+PICK_RULES = ("cheapest_within_noise", "most_accurate")
+#: Files whose sizes differ by less than this share of the smaller tie on size.
+SIZE_TIE = 0.01
+#: The format of ``reports/predictions.json`` these functions read.
+PREDICTIONS_FORMAT = "kdpipe-predictions/1"
+
+RowKey = tuple[str, str, str]
+
+
+def row_key(row: dict[str, Any]) -> RowKey:
+    """``(run, runtime, precision)``: how a row is named in ``reports/predictions.json``."""
+    return str(row["run"]), str(row.get("runtime", "onnxruntime")), str(row["precision"])
+
+
+def correct_from_predictions(predictions: dict[str, Any] | None) -> dict[RowKey, list[bool]]:
+    """Per row key, whether each test image was right, from the parsed ``reports/predictions.json``.
+
+    Lists whose length is not the number of labels are left out (they cannot be paired).
+    """
+    if not predictions:
+        return {}
+    labels = [int(y) for y in predictions.get("labels") or []]
+    out: dict[RowKey, list[bool]] = {}
+    for run, runtimes in (predictions.get("models") or {}).items():
+        for runtime, variants in (runtimes or {}).items():
+            for variant, classes in (variants or {}).items():
+                if len(classes) == len(labels):
+                    out[(run, runtime, variant)] = [int(c) == y for c, y in zip(classes, labels, strict=True)]
+    return out
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A latency (ms): the reported point and its 95 % interval (``low == high == point`` without one)."""
+
+    point: float
+    low: float
+    high: float
+
+    def text(self) -> str:
+        """``0.0312 [0.0301–0.0330]``, or the point alone when there is no interval."""
+        if self.low == self.high == self.point:
+            return ms(self.point)
+        return f"{ms(self.point)} [{ms(self.low)}–{ms(self.high)}]"
+
+
+def ms(value: float | None) -> str:
+    """A latency in ms with four significant digits (the intervals of tiny models are 0.001 ms wide)."""
+    return "–" if value is None else f"{value:.4g}"
+
+
+def latency_interval(row: dict[str, Any], profile: str, statistic: str = "p50") -> Interval | None:
+    """A row's latency under ``profile`` with its interval (``<statistic>_ci_ms``), or None when not measured.
+
+    A missing or malformed interval is the point itself; the interval is widened to hold the
+    point if it does not (a median over rounds need not lie inside another estimate's interval).
+    """
+    point = row_latency(row, profile, statistic)
+    if point is None:
+        return None
+    ci = ((row.get("latency") or {}).get(profile) or {}).get(f"{statistic}_ci_ms")
+    try:
+        low, high = (float(ci[0]), float(ci[1])) if ci is not None and len(ci) == 2 else (point, point)
+    except (TypeError, ValueError):
+        low, high = point, point
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        low, high = point, point
+    return Interval(point, min(low, point), max(high, point))
+
+
+@dataclass
+class Noise:
+    """What is beyond noise between two rows: accuracy by the paired test, latency by separated intervals."""
+
+    correct: dict[RowKey, list[bool]] = field(default_factory=dict)
+    alpha: float = ALPHA
+    _p: dict[tuple[RowKey, RowKey], float] = field(default_factory=dict, repr=False)
+
+    def paired(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+        """Whether both rows have per-image predictions on the same test images."""
+        ca, cb = self.correct.get(row_key(a)), self.correct.get(row_key(b))
+        return ca is not None and cb is not None and len(ca) == len(cb) and len(ca) > 0
+
+    def p_value(self, a: dict[str, Any], b: dict[str, Any]) -> float | None:
+        """The exact McNemar p of ``a`` against ``b`` on the same test images (None when they cannot be paired)."""
+        if not self.paired(a, b):
+            return None
+        ka, kb = sorted((row_key(a), row_key(b)))
+        if (ka, kb) not in self._p:
+            self._p[(ka, kb)] = paired_test(self.correct[ka], self.correct[kb]).p_value
+        return self._p[(ka, kb)]
+
+    def accuracy(self, a: dict[str, Any], b: dict[str, Any]) -> int:
+        """+1 when ``a`` is more accurate than ``b`` beyond noise, -1 when less, 0 when within noise.
+
+        Paired rows: the McNemar p must be below :attr:`alpha`, the sign is the images each
+        alone gets right. Unpaired rows: their top-1 as points (module docstring).
+        """
+        p = self.p_value(a, b)
+        if p is None:
+            return (a["top1"] > b["top1"]) - (a["top1"] < b["top1"])
+        if p >= self.alpha:
+            return 0
+        ca, cb = self.correct[row_key(a)], self.correct[row_key(b)]
+        only_a = sum(x and not y for x, y in zip(ca, cb, strict=True))
+        only_b = sum(y and not x for x, y in zip(ca, cb, strict=True))
+        return (only_a > only_b) - (only_a < only_b)
+
+    @staticmethod
+    def same_graph(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        """Whether both rows run one graph (equal ``graph_sha256``) with one runtime at one precision: a latency
+        tie by construction. (OpenVINO's bf16 variant runs the fp32 file's graph with other kernels: no tie.)"""
+        ga, gb = a.get("graph_sha256"), b.get("graph_sha256")
+        return (bool(ga) and ga == gb and a.get("runtime", "onnxruntime") == b.get("runtime", "onnxruntime")
+                and a.get("precision") == b.get("precision"))
+
+    def latency(self, a: dict[str, Any], b: dict[str, Any], profile: str, statistic: str = "p50") -> int:
+        """+1 when ``a`` is faster than ``b`` beyond noise under ``profile``, -1 when slower, 0 when tied.
+
+        Beyond noise means separated intervals; the same graph ties; an unmeasured row compares as 0.
+        """
+        ia, ib = latency_interval(a, profile, statistic), latency_interval(b, profile, statistic)
+        if ia is None or ib is None or self.same_graph(a, b):
+            return 0
+        return (ia.high < ib.low) - (ib.high < ia.low)
+
+    def dominates(self, a: dict[str, Any], b: dict[str, Any], profile: str, statistic: str = "p50") -> bool:
+        """Whether ``a`` is better than ``b`` beyond noise on one axis and not worse beyond noise on the other."""
+        lat = self.latency(a, b, profile, statistic)
+        if lat < 0:
+            return False
+        acc = self.accuracy(a, b)
+        return (lat > 0 and acc >= 0) or (acc > 0 and lat >= 0)
+
+    def ties(self, a: dict[str, Any], b: dict[str, Any], profile: str, statistic: str = "p50") -> bool:
+        """Whether neither axis tells ``a`` from ``b`` beyond noise."""
+        return self.latency(a, b, profile, statistic) == 0 and self.accuracy(a, b) == 0
+
+
+def noise_front(rows: Sequence[dict[str, Any]], profile: str, statistic: str = "p50",
+                noise: Noise | None = None) -> list[list[dict[str, Any]]]:
+    """The Pareto front under ``profile`` as tie groups, fastest group first.
+
+    A measured row is on the front when no other measured row dominates it beyond noise;
+    front rows that tie on both axes are grouped (connected ties, so a group is never split).
+    Two front rows in different groups are separated on both axes, the less accurate being the
+    faster, so the order is by top-1 (ascending) and the report's row order: neither moves with
+    a latency point inside its interval.
+    """
+    noise = noise or Noise()
+    order = {id(r): i for i, r in enumerate(rows)}
+    measured = [r for r in rows if latency_interval(r, profile, statistic) is not None]
+    front = [r for r in measured if not any(o is not r and noise.dominates(o, r, profile, statistic)
+                                            for o in measured)]
+    groups: list[list[dict[str, Any]]] = []
+    seen: set[int] = set()
+    for r in front:
+        if id(r) in seen:
+            continue
+        group, todo = [], [r]
+        seen.add(id(r))
+        while todo:
+            x = todo.pop()
+            group.append(x)
+            for y in front:
+                if id(y) not in seen and noise.ties(x, y, profile, statistic):
+                    seen.add(id(y))
+                    todo.append(y)
+        groups.append(sorted(group, key=lambda g: (g["top1"], order[id(g)])))
+    return sorted(groups, key=lambda g: (min(x["top1"] for x in g), min(order[id(x)] for x in g)))
+
+
+@dataclass
+class Pick:
+    """The budget pick of one profile and how it was reached (what :func:`explain` puts in words)."""
+
+    rule: str
+    row: dict[str, Any] | None
+    fitting: list[dict[str, Any]]
+    reference: dict[str, Any] | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    faster: list[dict[str, Any]] = field(default_factory=list)
+    smallest: list[dict[str, Any]] = field(default_factory=list)
+
+
+def choose(rows: Sequence[dict[str, Any]], profile: str, budget_ms: float | None, size_kib: float | None,
+           statistic: str = "p50", rule: str = "cheapest_within_noise", noise: Noise | None = None) -> Pick:
+    """The pick under a profile's budgets by ``rule`` (the rows that fit: latency point within ``budget_ms``,
+    file within ``size_kib``).
+
+    ``most_accurate``: the most accurate row that fits (ties: faster, then smaller), as before.
+    ``cheapest_within_noise``: the most accurate fitting row is the reference; the candidates are
+    the fitting rows not less accurate than it beyond noise; of those, drop every one slower beyond
+    noise than another (an unmeasured one is slower than any measured), then keep the smallest
+    files (within :data:`SIZE_TIE`), and of those take the most accurate (then the report's row
+    order). Only top-1, intervals, graphs and sizes decide, never a latency point.
+    """
+    if rule not in PICK_RULES:
+        raise ValueError(f"unknown pick rule {rule!r}: one of {', '.join(PICK_RULES)}")
+    noise = noise or Noise()
+    order = {id(r): i for i, r in enumerate(rows)}
+    fitting = [r for r in rows if not misses_budgets(r, profile, budget_ms, size_kib, statistic)]
+    if not fitting:
+        return Pick(rule, None, fitting)
+    if rule == "most_accurate":
+        row = best_under_budget(rows, profile, budget_ms, statistic, size_kib)
+        return Pick(rule, row, fitting, reference=row, candidates=[r for r in fitting if noise.accuracy(r, row) >= 0])
+    reference = min(fitting, key=lambda r: (-r["top1"], order[id(r)]))
+    candidates = [r for r in fitting if noise.accuracy(r, reference) >= 0]
+    measured = [r for r in candidates if latency_interval(r, profile, statistic) is not None]
+    faster = [r for r in measured if not any(noise.latency(o, r, profile, statistic) > 0 for o in measured)] \
+        if measured else list(candidates)
+    least = min(r["bytes"] for r in faster)
+    smallest = [r for r in faster if r["bytes"] <= least * (1 + SIZE_TIE)]
+    row = min(smallest, key=lambda r: (-r["top1"], order[id(r)]))
+    return Pick(rule, row, fitting, reference, candidates, faster, smallest)
+
+
+def best_variants(rows: Sequence[dict[str, Any]], profile: str | None, statistic: str = "p50",
+                  rule: str = "cheapest_within_noise", noise: Noise | None = None) -> list[dict[str, Any]]:
+    """Each model and runtime's best variant by ``rule`` among its own variants, with no budget, latency under
+    ``profile`` (None: accuracy alone decides), in the report's row order: the summary's rows."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((str(r["run"]), str(r.get("runtime", "onnxruntime"))), []).append(r)
+    out = []
+    for variants in groups.values():
+        pick = choose(variants, profile or "", None, None, statistic, rule, noise).row
+        if pick is not None:
+            out.append(pick)
+    return out
+
+
+def _names(rows: Sequence[dict[str, Any]], most: int = 3) -> str:
+    """``a, b and c`` (``a, b, c and 4 more`` past ``most``)."""
+    shown = [label(r) for r in rows[:most]]
+    rest = len(rows) - len(shown)
+    if rest:
+        return ", ".join(shown) + f" and {rest} more"
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + f" and {shown[-1]}"
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def explain(pick: Pick, rows: Sequence[dict[str, Any]], profile: str, budget: float | None, size: float | None,
+            statistic: str, noise: Noise, test_images: int | None = None) -> str:
+    """The pick in words: what fits, the reference, how many are within noise of it, why the pick won,
+    which more accurate rows each budget left out, and (unpaired rows) what the pick's 95 % interval holds."""
+    reasons = {id(r): misses_budgets(r, profile, budget, size, statistic) for r in rows}
+    limits = " and ".join(x for x in (f"{statistic} <= {budget:g} ms" if budget is not None else "",
+                                      f"file <= {size:g} KiB" if size is not None else "") if x)
+    words = [f"{len(pick.fitting)} of {len(rows)} models meet {limits}."]
+    row, ref = pick.row, pick.reference
+    if row is None or ref is None:
+        return " ".join(words + ["None fits, so there is no pick."])
+    paired = noise.paired(ref, ref)
+    images = len(noise.correct[row_key(ref)]) if paired else test_images
+    others = [r for r in pick.candidates if r is not ref]
+    test = f"exact McNemar p >= {noise.alpha:g} on the same {images} test images"
+    if row is ref:
+        words.append(f"The pick, {label(row)}, is the most accurate of them ({row['top1']:.2f} %).")
+    else:
+        p = noise.p_value(row, ref)
+        words.append(f"The pick, {label(row)} ({row['top1']:.2f} %), is the cheapest of the models within noise of "
+                     f"the most accurate, {label(ref)} ({ref['top1']:.2f} %"
+                     f"{f', McNemar p = {p:.2f}' if p is not None else ''}).")
+    if pick.rule == "cheapest_within_noise" and paired:
+        words.append(f"{_plural(len(others), 'other fitting model is', 'other fitting models are')} within noise of "
+                     f"{label(ref)} ({test})." if others else f"No other fitting model is within noise of {label(ref)} "
+                     f"(each is less accurate, exact McNemar p < {noise.alpha:g}).")
+    elif pick.rule == "cheapest_within_noise":
+        words.append("Without per-image predictions accuracies are compared as points"
+                     + (f": {_plural(len(others), 'other fitting model ties', 'other fitting models tie')} with it."
+                        if others else "."))
+    if pick.rule == "cheapest_within_noise" and len(pick.candidates) > 1:
+        words.append(_why_cheapest(pick, statistic))
+    better = sorted((r for r in rows if reasons[id(r)] and r["top1"] > row["top1"]), key=lambda r: -r["top1"])
+    if better:
+        shown = "; ".join(f"{label(r)} ({r['top1']:.2f} %: {', '.join(reasons[id(r)])})" for r in better[:3])
+        more = f" and {len(better) - 3} more" if len(better) > 3 else ""
+        words.append(f"More accurate but left out: {shown}{more}.")
+    else:
+        words.append("No model that misses the budgets is more accurate.")
+    if pick.rule == "most_accurate" and paired:
+        words.append(f"{_plural(len(others), 'other fitting model is', 'other fitting models are')} within noise of "
+                     f"it ({test}): on this test set the pick is not shown better than "
+                     f"{'it' if len(others) == 1 else 'them'}." if others
+                     else f"Every other fitting model is less accurate beyond noise (exact McNemar p < {noise.alpha:g}).")
+    elif not paired and test_images:
+        low, high = accuracy_interval(round(row["top1"] * test_images / 100), int(test_images))
+        close = [r for r in pick.fitting if r is not row and r["top1"] >= low]
+        some = "1 other fitting model has" if len(close) == 1 else f"{len(close)} other fitting models have"
+        words.append(f"{some} top-1 inside the pick's 95 % interval ({low:.2f}-{high:.2f} %): on {test_images} "
+                     f"test images the pick is not shown better than {'it' if len(close) == 1 else 'them'}."
+                     if close else f"No other fitting model reaches the pick's 95 % interval ({low:.2f}-{high:.2f} %).")
+    return " ".join(words)
+
+
+def _why_cheapest(pick: Pick, statistic: str) -> str:
+    """Why the pick won among the candidates: latency beyond noise, then file size, then accuracy."""
+    row = pick.row
+    assert row is not None
+    steps = []
+    slower = [r for r in pick.candidates if r not in pick.faster]
+    if len(pick.faster) == 1:
+        steps.append(f"{label(row)} is faster beyond noise than the other {_plural(len(slower), 'candidate', 'candidates')} "
+                     f"(separated 95 % {statistic} intervals)")
+    else:
+        if slower:
+            steps.append(f"{_names(slower)} {'is' if len(slower) == 1 else 'are'} slower beyond noise than another "
+                         f"(separated 95 % {statistic} intervals)")
+        steps.append(f"{_names(pick.faster)} tie in latency within noise")
+        if len(pick.smallest) == 1:
+            rest = sorted(r["bytes"] for r in pick.faster if r is not row)
+            steps.append(f"{label(row)} is the smallest file ({row['bytes'] / 1024:.1f} KiB against "
+                         f"{rest[0] / 1024:.1f} KiB)")
+        else:
+            level = [r for r in pick.smallest if r is not row and r["top1"] == row["top1"]]
+            tied = f" (with {_names(level)}: the first in the report's order)" if level else ""
+            steps.append(f"{_names(pick.smallest)} are within {SIZE_TIE * 100:g} % in file size, and {label(row)} is "
+                         f"the most accurate of them{tied}")
+    return f"Of the {len(pick.candidates)} within noise, {'; '.join(steps)}."
