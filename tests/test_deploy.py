@@ -40,6 +40,7 @@ from pipeline.models import build, count_parameters
 from pipeline.models.complexity import count_macs
 from pipeline.params import parse_params
 from pipeline.report.results import report_all
+from pipeline.report.rows import label
 from tests.conftest import REPO, tiny_params
 
 CLASSES = 6
@@ -700,14 +701,19 @@ def test_report_rows_budget_pick_and_plot(ws):
             assert lat is None and eff is None
         else:
             assert lat["p50_ms"] > 0 and lat["p99_ms"] >= lat["p50_ms"]
+            assert lat["p50_ci_ms"][0] <= lat["p50_ms"] <= lat["p50_ci_ms"][1] and r["graph_sha256"]
             # achieved MAC/s = MACs x images/s at the throughput batch; a fraction of the runtime's GEMM peak
             assert eff["gmacs_per_s"] == pytest.approx(r["macs"] * lat["throughput_ips"] / 1e9, rel=1e-4)
             assert 0 < eff["fraction_of_peak"] == pytest.approx(eff["gmacs_per_s"] / eff["peak_gmacs_per_s"], rel=1e-4)
-    pick = res["profiles"]["tiny-1core"]["pick"]
-    assert pick is not None and pick["latency_ms"] <= 50.0
+    prof = res["profiles"]["tiny-1core"]
+    pick = prof["pick"]
+    assert pick is not None and pick["latency_ms"] <= 50.0 and prof["rule"] == res["pick_rule"] == params.report.pick
     best = max(r["top1"] for r in rows if r["latency"]["tiny-1core"] is not None)
-    assert pick["top1"] == best
+    reference = next(r for r in rows if label(r) == prof["reference"])
+    assert reference["top1"] == best  # the most accurate that fits; the pick is within noise of it
+    assert pick["model"] in prof["within_noise"] and prof["reference"] in prof["within_noise"]
     md = (root / "reports/results.md").read_text()
+    assert md.index("## Picks") < md.index("## Summary") < md.index("## Pareto front") < md.index("## Models")
     assert "| `kd/tinynet_xs` |" in md and "Pareto front" in md and "TensorRT" in md
     for section in ("## Other runtimes against onnxruntime", "## How close to the hardware's limit",
                     "## Cold start and memory"):
