@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from pipeline.config.deploy import ReportConfig
@@ -190,7 +191,7 @@ def test_cheapest_within_noise_prefers_the_faster_then_the_smaller_file_and_says
     assert why.startswith("5 of 5 models meet p50 <= 1 ms. The pick, xs/dkd fp32 (97.21 %), is the cheapest of "
                           "the models within noise of the most accurate, xs/ekd int8 (98.05 %")
     assert "3 other fitting models are within noise of xs/ekd int8 (exact McNemar p >= 0.05 on the same 359" in why
-    assert "xs/ekd int8 is slower beyond noise than another (separated 95 % p50 intervals)" in why
+    assert "xs/ekd int8 is slower beyond noise than another (95 % p50 intervals)" in why
     assert "xs/kd fp32, xs/at fp32 and xs/dkd fp32 tie in latency within noise" in why
     assert "xs/dkd fp32 is the smallest file (20.0 KiB against 30.0 KiB)" in why
     # files within 1 % in size tie: then the most accurate of them
@@ -323,3 +324,51 @@ def test_one_graph_at_another_precision_is_not_a_latency_tie():
     assert noise.latency(f32, bf16, "edge") == 1 and noise.dominates(f32, bf16, "edge")
     assert noise.latency(f32, twin, "edge") == 0  # the same graph, runtime and precision
     assert noise.latency(f32, ort, "edge") == 1  # another runtime runs it with its own kernels
+
+
+def test_files_of_one_graph_share_the_latency_all_of_them_measured():
+    """Per round the median over the graph's files, then the median over rounds with its order-statistic interval."""
+    from pipeline.deploy.edge.edge_timing import quantile_interval
+    from pipeline.report.decisions import pool_graphs
+
+    rounds = {"kd/xs": [0.010, 0.011, 0.030, 0.010, 0.012, 0.011, 0.010, 0.013, 0.011],
+              "at/xs": [0.011, 0.010, 0.012, 0.029, 0.010, 0.011, 0.012, 0.010, 0.011],
+              "dkd/xs": [0.012, 0.011, 0.011, 0.010, 0.031, 0.010, 0.011, 0.011, 0.012]}
+    rows = []
+    for run, values in rounds.items():
+        r = _row(run, "fp32", 350, float(np.median(values)), tuple(quantile_interval(values)), "g")
+        r["latency"]["edge"]["round_p50_ms"] = values
+        r["latency"]["dev"] = dict(r["latency"]["edge"])  # a device profile: its rounds do not line up
+        rows.append(r)
+    other = _row("kd/xs", "int8", 350, 0.02, (0.019, 0.021), "g")  # the same graph hash at another precision
+    other["latency"]["edge"]["round_p50_ms"] = [0.02] * 9
+    pool_graphs([*rows, other], ["edge"])
+    per_round = [float(np.median(v)) for v in zip(*rounds.values(), strict=True)]
+    want_ci = [round(x, 4) for x in quantile_interval(per_round)]
+    for r in rows:
+        head = r["latency"]["edge"]
+        assert head["graph_p50_ms"] == round(float(np.median(per_round)), 4) and head["graph_p50_ci_ms"] == want_ci
+        assert head["graph_files"] == 3 and "graph_p50_ms" not in r["latency"]["dev"]
+        assert latency_interval(r, "edge").low == want_ci[0]
+        assert latency_interval(r, "edge", pooled=False).point == head["p50_ms"]  # the file's own stays
+    assert "graph_p50_ms" not in other["latency"]["edge"]  # alone in its (graph, runtime, precision)
+
+
+def test_files_timed_side_by_side_compare_paired_by_round():
+    """A drift within the run widens each file's own interval, but lands on both sides of a per-round ratio."""
+    from pipeline.report.decisions import pool_graphs
+
+    drift = [1.0, 1.6, 1.0, 1.7, 1.1, 1.0, 1.65, 1.05, 1.0]
+    fast_rounds = [0.010 * d for d in drift]
+    slow_rounds = [0.0125 * d for d in drift]  # 25 % slower in every round
+    fast = _row("kd/xs", "fp32", 350, 0.0105, (0.010, 0.0165), "g32")
+    slow = _row("kd/xs", "fp16", 350, 0.0131, (0.0125, 0.0206), "g16", kib=15.0)
+    fast["latency"]["edge"]["round_p50_ms"], slow["latency"]["edge"]["round_p50_ms"] = fast_rounds, slow_rounds
+    apart = {**slow, "runtime": "openvino", "latency": {"edge": dict(slow["latency"]["edge"])}}
+    noise = Noise()
+    assert noise.latency(fast, slow, "edge") == 0  # own intervals overlap: without pairing, a tie
+    pool_graphs([fast, slow, apart], ["edge"])
+    assert noise.latency(fast, slow, "edge") == 1 and noise.latency(slow, fast, "edge") == -1
+    assert noise.latency(fast, apart, "edge") == 0  # another runtime: another timing process, intervals decide
+    pick = choose([fast, slow], "edge", 1.0, None, noise=noise)
+    assert pick.row is fast  # the smaller fp16 file is slower beyond noise: the cheapest is the fp32 file

@@ -110,7 +110,7 @@ class BenchmarkConfig(Strict):
     warmup: int = Field(10, ge=1, le=10000, description="untimed runs before measuring (per batch size)")
     iterations: int = Field(200, ge=5, le=1_000_000, description="timed runs per file and batch size, split across the rounds (fewer if max_seconds is reached first)")
     max_seconds: float = Field(2.0, gt=0.0, le=3600.0, description="time cap per file and batch size, split across the rounds; at least 5 timed runs per round are always made")
-    rounds: int = Field(9, ge=1, le=1000, description="interleaved timing rounds: every file of a runtime and profile is timed once per round, round-robin; latency is the median over rounds with a 95 % interval (at least 6 rounds for an order-statistic interval; fewer give the rounds' range)")
+    rounds: int = Field(15, ge=1, le=1000, description="interleaved timing rounds: every file of a runtime and profile is timed once per round, round-robin; latency is the median over rounds with a 95 % interval (at least 6 rounds for an order-statistic interval; fewer give the rounds' range)")
     profiles: list[DeviceProfile] = Field(default_factory=_default_profiles, min_length=1)
     runtimes: list[Literal["onnxruntime", "openvino"]] = Field(default_factory=lambda: list(RUNTIMES), min_length=1, description="runtimes every model x variant is measured with, where installed (openvino: pip install -e '.[openvino]'); OpenVINO adds a bf16 variant on CPUs that offer it")
     peak: bool = Field(True, description="also time a large FP32 and INT8 GEMM per runtime and thread count: the practical peak the report compares each model's MAC/s with")

@@ -48,11 +48,11 @@ def _last_json(proc: subprocess.CompletedProcess, what: str) -> dict[str, Any]:
 
 def measure_files(files: list[tuple[Path, str]], profiles: list[dict[str, Any]], warmup: int, iterations: int,
                   max_seconds: float, rounds: int, runtime: str = "onnxruntime") -> list[dict[str, Any]]:
-    """Measure ``(file, precision)`` pairs with ``runtime`` as a bundle does (:func:`edge_measure.measure_files`);
-    a failure is a :class:`DeployError`."""
+    """Measure ``(file, precision)`` pairs with ``runtime`` as a bundle does (:func:`edge_measure.measure_files`),
+    a line of progress per file; a failure is a :class:`DeployError`."""
     try:
         return edge_measure.measure_files([(str(f), p) for f, p in files], profiles, warmup, iterations, max_seconds,
-                                          rounds, runtime)
+                                          rounds, runtime, progress=lambda line: print(f"benchmark: {line}", flush=True))
     except edge_runtime.EdgeError as err:
         raise DeployError(str(err)) from None
 

@@ -8,12 +8,18 @@ Two rows (a model file run by one runtime at one precision) differ only beyond n
   (an old workspace) there is nothing to pair, and their top-1 are compared as points:
   any difference counts, as the report did before. That never makes the pick less
   accurate than it should be, only the front longer than it need be;
-* **latency** under a profile: their 95 % intervals of the reported statistic
-  (``<stat>_ci_ms`` in the benchmark's headline) are separated, i.e. one's upper end lies
-  below the other's lower end. A latency without an interval (an old file, a device
-  without one) is the point ``[v, v]``. Two rows with the same ``graph_sha256``, runtime
-  and precision run the same graph (only the weights differ): their latency ties by
-  construction, whatever the intervals say.
+* **latency** under a profile: rows the benchmark timed side by side (one runtime and
+  profile of one benchmark run: the same interleaved rounds) are compared *paired by
+  round*, as McNemar pairs images: per round the ratio of their latencies, and one is
+  faster only when the 95 % order-statistic interval of the median ratio lies wholly
+  below 1. A drift of the machine within the run lands on both sides of a ratio and
+  cancels, where it widens each row's own interval. Other rows (two runtimes, a device)
+  are faster only when their 95 % intervals of the reported statistic are separated,
+  i.e. one's upper end lies below the other's lower end; a latency without an interval
+  (an old file, a device without one) is the point ``[v, v]``. Two rows with the same
+  ``graph_sha256``, runtime and precision run the same graph (only the weights differ):
+  their latency ties by construction, and :func:`pool_graphs` gives them the latency all
+  their files measured together.
 
 A row dominates another when it is better beyond noise on one axis and not worse beyond
 noise on the other (:meth:`Noise.dominates`). The front (:func:`noise_front`) is every
@@ -26,6 +32,7 @@ here reads files or needs torch.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,16 +92,20 @@ def ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.4g}"
 
 
-def latency_interval(row: dict[str, Any], profile: str, statistic: str = "p50") -> Interval | None:
-    """A row's latency under ``profile`` with its interval (``<statistic>_ci_ms``), or None when not measured.
+def latency_interval(row: dict[str, Any], profile: str, statistic: str = "p50", pooled: bool = True) -> Interval | None:
+    """A row's latency under ``profile`` with its interval, or None when not measured.
 
-    A missing or malformed interval is the point itself; the interval is widened to hold the
-    point if it does not (a median over rounds need not lie inside another estimate's interval).
+    ``pooled`` (what every decision uses): the latency of the row's graph where
+    :func:`pool_graphs` gave it one (``graph_<statistic>_ms`` and ``_ci_ms``), else the
+    file's own (``<statistic>_ms``, ``<statistic>_ci_ms``). A missing or malformed interval
+    is the point itself; the interval is widened to hold the point if it does not.
     """
-    point = row_latency(row, profile, statistic)
+    head = (row.get("latency") or {}).get(profile) or {}
+    use_graph = pooled and head.get(f"graph_{statistic}_ms") is not None
+    point = row_latency(row, profile, statistic, pooled=use_graph)
     if point is None:
         return None
-    ci = ((row.get("latency") or {}).get(profile) or {}).get(f"{statistic}_ci_ms")
+    ci = head.get(f"graph_{statistic}_ci_ms" if use_graph else f"{statistic}_ci_ms")
     try:
         low, high = (float(ci[0]), float(ci[1])) if ci is not None and len(ci) == 2 else (point, point)
     except (TypeError, ValueError):
@@ -104,9 +115,82 @@ def latency_interval(row: dict[str, Any], profile: str, statistic: str = "p50") 
     return Interval(point, min(low, point), max(high, point))
 
 
+def graph_key(row: dict[str, Any]) -> tuple[str, str, str] | None:
+    """``(graph_sha256, runtime, precision)``: rows with equal keys run one computation (None without a hash)."""
+    graph = row.get("graph_sha256")
+    return (str(graph), str(row.get("runtime", "onnxruntime")), str(row["precision"])) if graph else None
+
+
+def pool_graphs(rows: Sequence[dict[str, Any]], profiles: Sequence[str], statistic: str = "p50") -> None:
+    """Give the rows that run one graph one latency per profile: the graph's, measured by all its files.
+
+    Files of one graph (equal :func:`graph_key`) run the same computation, so each file's
+    latency is a sample of one quantity; taken alone, their intervals differ by noise and
+    would place some of them beside another graph and some not. The benchmark times every
+    file of a runtime and profile in the same interleaved rounds, so round k of one file
+    and round k of another were measured side by side: per round the median over the
+    graph's files is one value of the graph's latency, and over the rounds their median
+    and its 95 % order-statistic interval (:func:`pipeline.deploy.edge.edge_timing.
+    quantile_interval`, as the benchmark's own) become ``graph_<statistic>_ms`` and
+    ``graph_<statistic>_ci_ms`` of every member, with ``graph_files``. Only the named
+    ``profiles`` (the benchmark's: a device measures bundles in separate runs, whose
+    rounds do not line up), only graphs of two files or more whose files all carry
+    ``round_<statistic>_ms`` of one length; others keep their own figures. Every row of a
+    named profile with round values also gets ``graph_round_<statistic>_ms`` (its graph's
+    per-round values, its own when alone), which :meth:`Noise.latency` pairs by round.
+    """
+    from pipeline.deploy.edge.edge_timing import quantile_interval
+
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        key = graph_key(r)
+        if key is not None:
+            groups.setdefault(key, []).append(r)
+    for members in groups.values():
+        for prof in profiles:
+            heads = [(r.get("latency") or {}).get(prof) for r in members]
+            rounds = [h.get(f"round_{statistic}_ms") for h in heads if h]
+            if len(rounds) != len(members) or not all(rounds) or len({len(x) for x in rounds}) != 1:
+                continue
+            per_round = [statistics.median(values) for values in zip(*rounds, strict=True)]
+            for h in heads:
+                h[f"graph_round_{statistic}_ms"] = [round(v, 6) for v in per_round]  # what pairs by round
+            if len(members) < 2:
+                continue
+            low, high = quantile_interval(per_round)
+            for h in heads:
+                h[f"graph_{statistic}_ms"] = round(statistics.median(per_round), 4)
+                h[f"graph_{statistic}_ci_ms"] = [round(low, 4), round(high, 4)]
+                h["graph_files"] = len(members)
+
+
+def paired_rounds(a: dict[str, Any], b: dict[str, Any], profile: str,
+                  statistic: str = "p50") -> list[tuple[float, float]] | None:
+    """The (a, b) latency of each round both rows were timed in side by side, or None when they were not.
+
+    Side by side: one runtime and a benchmark profile (:func:`pool_graphs` gave both
+    ``graph_round_<statistic>_ms`` of one length: one timing process, the same rounds).
+    """
+    if a.get("runtime", "onnxruntime") != b.get("runtime", "onnxruntime"):
+        return None
+    ra = ((a.get("latency") or {}).get(profile) or {}).get(f"graph_round_{statistic}_ms")
+    rb = ((b.get("latency") or {}).get(profile) or {}).get(f"graph_round_{statistic}_ms")
+    if not ra or not rb or len(ra) != len(rb) or min(min(ra), min(rb)) <= 0:
+        return None
+    return [(float(x), float(y)) for x, y in zip(ra, rb, strict=True)]
+
+
+def ratio_interval(pairs: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """The 95 % order-statistic interval of the median per-round ratio a/b (the benchmark's own interval routine)."""
+    from pipeline.deploy.edge.edge_timing import quantile_interval
+
+    return quantile_interval([x / y for x, y in pairs])
+
+
 @dataclass
 class Noise:
-    """What is beyond noise between two rows: accuracy by the paired test, latency by separated intervals."""
+    """What is beyond noise between two rows: accuracy by the paired test on the same images, latency paired by
+    round where both were timed side by side, else by separated intervals."""
 
     correct: dict[RowKey, list[bool]] = field(default_factory=dict)
     alpha: float = ALPHA
@@ -153,11 +237,17 @@ class Noise:
     def latency(self, a: dict[str, Any], b: dict[str, Any], profile: str, statistic: str = "p50") -> int:
         """+1 when ``a`` is faster than ``b`` beyond noise under ``profile``, -1 when slower, 0 when tied.
 
-        Beyond noise means separated intervals; the same graph ties; an unmeasured row compares as 0.
+        Rows timed in the same rounds (:func:`paired_rounds`): the 95 % interval of the median
+        per-round ratio a/b lies below 1 (faster) or above it (slower). Others: separated
+        intervals. The same graph ties; an unmeasured row compares as 0.
         """
         ia, ib = latency_interval(a, profile, statistic), latency_interval(b, profile, statistic)
         if ia is None or ib is None or self.same_graph(a, b):
             return 0
+        pairs = paired_rounds(a, b, profile, statistic)
+        if pairs is not None:
+            low, high = ratio_interval(pairs)
+            return (high < 1.0) - (low > 1.0)
         return (ia.high < ib.low) - (ib.high < ia.low)
 
     def dominates(self, a: dict[str, Any], b: dict[str, Any], profile: str, statistic: str = "p50") -> bool:
@@ -342,11 +432,11 @@ def _why_cheapest(pick: Pick, statistic: str) -> str:
     slower = [r for r in pick.candidates if r not in pick.faster]
     if len(pick.faster) == 1:
         steps.append(f"{label(row)} is faster beyond noise than the other {_plural(len(slower), 'candidate', 'candidates')} "
-                     f"(separated 95 % {statistic} intervals)")
+                     f"(95 % {statistic} intervals)")
     else:
         if slower:
             steps.append(f"{_names(slower)} {'is' if len(slower) == 1 else 'are'} slower beyond noise than another "
-                         f"(separated 95 % {statistic} intervals)")
+                         f"(95 % {statistic} intervals)")
         steps.append(f"{_names(pick.faster)} tie in latency within noise")
         if len(pick.smallest) == 1:
             rest = sorted(r["bytes"] for r in pick.faster if r is not row)

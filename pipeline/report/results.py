@@ -35,6 +35,7 @@ from pipeline.report.decisions import (
     latency_interval,
     ms,
     noise_front,
+    pool_graphs,
 )
 from pipeline.report.metrics import collect_results
 from pipeline.report.rows import PRECISION_ORDER, RUNTIME_NAMES, build_rows, label, row_latency
@@ -65,7 +66,7 @@ def summarize(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]], st
     Both decide only beyond noise (:mod:`pipeline.report.decisions`): accuracy by the exact
     McNemar test on the per-image ``correct`` of each row (``(run, runtime, precision)`` ->
     right/wrong per test image; rows without them compare top-1 as points), latency by
-    separated 95 % intervals, the same graph a latency tie. The pick follows ``rule``
+    paired rounds or separated 95 % intervals, the same graph a latency tie. The pick follows ``rule``
     (``report.pick``); ``why`` says in words what fits, the reference and what is within
     noise of it, why the pick won, which more accurate rows each budget left out, and (rows
     without predictions, given ``test_images``) what the pick's 95 % interval holds.
@@ -188,7 +189,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
     head = ["model", "role", "runtime", "precision", "top-1 %", "95 % interval", "top-5 %", "params", "MMACs", "KiB"]
     for n in names:
         head += [f"{n} p50 ms", f"{n} p99 ms"]
-    out += ["", "## Models", "", "Every file run by every runtime; p50 with its 95 % interval.", "",
+    out += ["", "## Models", "", "Every file run by every runtime; p50 with its 95 % interval, each file's own (the picks, the "
+            "summary and the fronts above use the latency of the file's graph, measured by all files that run it).",
+            "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r['run']}`", r["role"], RUNTIME_NAMES.get(r["runtime"], r["runtime"]), r["precision"],
@@ -197,7 +200,7 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], profiles: Sequ
                  _fmt(r["params"], ","), _fmt(None if r["macs"] is None else r["macs"] / 1e6, ".3f"),
                  _fmt(r["bytes"] / 1024, ".1f")]
         for n in names:
-            p50 = latency_interval(r, n, "p50")
+            p50 = latency_interval(r, n, "p50", pooled=False)  # the file's own measurement
             cells += [p50.text() if p50 else "–", ms(row_latency(r, n, "p99"))]
         out.append("| " + " | ".join(cells) + " |")
     if significance:
@@ -348,7 +351,8 @@ def front_markdown(summary: dict[str, Any], names: Sequence[str], statistic: str
                 out.append(f"| {n} | {tag} | {g['model']} | {_fmt(g['top1'])} | {_latency_cell(g)} | "
                            f"{_fmt(g['kib'], '.1f')} |")
     return out + ["", "A model is on the front when no other is better beyond noise on one axis (exact McNemar "
-                  "p < alpha on the same test images; separated 95 % latency intervals) and not worse beyond "
+                  "p < alpha on the same test images; latency: the 95 % interval of the per-round ratio of files timed "
+                  "side by side, or separated 95 % intervals across runtimes) and not worse beyond "
                   "noise on the other; files of one graph (equal `graph_sha256`) tie in latency."]
 
 
@@ -456,6 +460,7 @@ def report_all(params: Any, root: Path = Path(".")) -> dict[str, Any]:
     correct = correct_from_predictions(read_predictions(report_file(root, "predictions")))
     rows = build_rows(export, quantize, benchmark, metrics, profiles)
     profiles += device_profiles(root, dict(params.benchmark.device_budgets), rows)  # measured on the devices
+    pool_graphs(rows, [p["name"] for p in profiles if not p.get("device")], statistic)  # one latency per graph
     summary = summarize(rows, profiles, statistic, quantize.get("test_images"), rule, correct, alpha)
     best = model_summary(rows, profiles, statistic, rule, correct, alpha)
     evaluated = {r.pop("run"): r for r in collect_results(root)}  # the teacher too, when it is not exported

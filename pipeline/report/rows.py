@@ -81,10 +81,17 @@ def build_rows(export: dict[str, Any], quantize: dict[str, Any], benchmark: dict
     return rows
 
 
-def row_latency(row: dict[str, Any], profile: str, statistic: str = "p50") -> float | None:
-    """A row's latency (ms) under ``profile`` for ``statistic`` (p50/p90/p99), or None if not measured."""
+def row_latency(row: dict[str, Any], profile: str, statistic: str = "p50", pooled: bool = False) -> float | None:
+    """A row's latency (ms) under ``profile`` for ``statistic`` (p50/p90/p99), or None if not measured.
+
+    ``pooled``: the latency of the row's graph where the report pooled the files that run it
+    (``graph_<statistic>_ms``, :func:`pipeline.report.decisions.pool_graphs`), else the file's own.
+    """
     h = (row.get("latency") or {}).get(profile)
-    value = h.get(f"{statistic}_ms") if h else None
+    value = None
+    if h:
+        value = h.get(f"graph_{statistic}_ms") if pooled and h.get(f"graph_{statistic}_ms") is not None \
+            else h.get(f"{statistic}_ms")
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
@@ -108,7 +115,7 @@ def misses_budgets(row: dict[str, Any], profile: str, budget_ms: float | None, s
          statistic: str = "p50") -> list[str]:
     """Why ``row`` does not meet a profile's budgets (empty when it does): latency over, unmeasured, file too large."""
     why: list[str] = []
-    lat = row_latency(row, profile, statistic)
+    lat = row_latency(row, profile, statistic, pooled=True)
     if budget_ms is not None:
         if lat is None:
             why.append("latency not measured")
@@ -127,7 +134,7 @@ def best_under_budget(rows: Sequence[dict[str, Any]], profile: str, budget_ms: f
     if not ok:
         return None
     def latency(r: dict[str, Any]) -> float:  # a size-only budget admits unmeasured rows: they rank last
-        lat = row_latency(r, profile, statistic)
+        lat = row_latency(r, profile, statistic, pooled=True)
         return math.inf if lat is None else lat
 
     return min(ok, key=lambda r: (-r["top1"], latency(r), r["bytes"]))

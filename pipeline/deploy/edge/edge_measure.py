@@ -39,7 +39,7 @@ else:  # run as a script, in a bundle on a device or by the pipeline's benchmark
 EdgeError = edge_runtime.EdgeError
 
 #: Interleaved timing rounds when a caller names none (the pipeline's ``benchmark.rounds``).
-DEFAULT_ROUNDS = 9
+DEFAULT_ROUNDS = 15
 
 
 def peak_rss_mb() -> float | None:
@@ -83,7 +83,8 @@ def time_runs(fn: Callable[[], Any], warmup: int, iterations: int, max_seconds: 
 
 
 #: Latency keys a headline copies from the first batch size's figures.
-_HEADLINE_KEYS = ("p50_ms", "p90_ms", "p99_ms", "p50_ci_ms", "p90_ci_ms", "p99_ci_ms", "ci_level", "rounds")
+_HEADLINE_KEYS = ("p50_ms", "p90_ms", "p99_ms", "p50_ci_ms", "p90_ci_ms", "p99_ci_ms", "ci_level", "rounds",
+                  "round_p50_ms", "round_p90_ms", "round_p99_ms")
 
 
 def headline(result: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any] | None:
@@ -269,21 +270,22 @@ def measure_files(files: list, profiles: list, warmup: int = 10, iterations: int
     """Measure model files with ``runtime``: a fresh process per file (cold start, memory), then one that times
     them all in interleaved rounds; one result per ``(path, precision)`` of ``files``, in order."""
     colds = []
-    for path, precision in files:
+    for i, (path, precision) in enumerate(files, start=1):
         spec = {"model": str(path), "profiles": profiles, "warmup": warmup, "runtime": runtime,
                 "precision": precision}
         colds.append(_worker_json("cold", spec, worker_timeout(profiles, 1, warmup, 0.0), f"{path} with {runtime}"))
         if progress:
-            progress(f"{Path(path).name} ({runtime}): cold start and memory")
+            progress(f"[{i}/{len(files)}] {path} ({runtime}{'' if precision == 'f32' else ', ' + precision}): "
+                     "cold start and memory")
     if not files:
         return []
+    if progress:
+        progress(f"{len(files)} file(s) ({runtime}): timing in {rounds} interleaved rounds")
     spec = {"models": [{"model": str(p), "precision": pr} for p, pr in files], "profiles": profiles,
             "warmup": warmup, "iterations": iterations, "max_seconds": max_seconds, "rounds": rounds,
             "runtime": runtime}
     timing = _worker_json("time", spec, worker_timeout(profiles, len(files), warmup, max_seconds),
                           f"{len(files)} file(s) with {runtime}")["results"]
-    if progress:
-        progress(f"{len(files)} file(s) ({runtime}): {rounds} interleaved timing rounds")
     return [merge(c, t) for c, t in zip(colds, timing)]  # noqa: B905 (Python 3.9 devices)
 
 
