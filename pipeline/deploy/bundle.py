@@ -262,10 +262,12 @@ def make_bundle(
             shutil.copyfile(data, dest / data.name)
         acc = info.get("accuracy", {}).get(variant, {})
         entries[variant] = {"file": target.name, "sha256": file_sha256(target), "bytes": target.stat().st_size,
-                            "graph_sha256": graph_sha256(target), "top1": acc.get("top1"), "top5": acc.get("top5")}
+                            "top1": acc.get("top1"), "top5": acc.get("top5")}
         if variant == TRT_INT8:
             entries[variant]["use"] = "TensorRT INT8 engines (symmetric QDQ); slower than model_int8.onnx in onnxruntime"
     ort_section = _add_ort_files(dest, entries, models, name) if ort else {"enabled": False}
+    for entry in entries.values():  # after the ORT conversion, whose error names a broken file first
+        entry["graph_sha256"] = graph_sha256(dest / entry["file"])
     for fname, src in RUNTIME_FILES.items():
         shutil.copyfile(src, dest / fname)
     (dest / "labels.txt").write_text("\n".join(class_names) + "\n", encoding="utf-8")

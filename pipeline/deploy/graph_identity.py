@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from pipeline.deploy.artifacts import DeployError
+
 #: TensorProto fields that hold an initializer's values (cleared before hashing).
 _VALUE_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 
@@ -22,7 +24,11 @@ def graph_sha256(path: Path) -> str:
     """Hex SHA-256 of ``path``'s graph structure: equal for files that differ only in initializer values."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError, OSError: one line naming the file
+        lines = str(err).strip().splitlines()
+        raise DeployError(f"{path} is not a readable ONNX model: {lines[0] if lines else type(err).__name__}") from None
     graph = model.graph
     for tensor in list(graph.initializer) + [s.values for s in graph.sparse_initializer]:
         for name in _VALUE_FIELDS:

@@ -152,11 +152,10 @@ def pareto_figure(rows: Sequence[dict[str, Any]], profiles: Sequence[dict[str, A
 def _fit_legend(fig: Any, handles: list[Any]) -> Any:
     """The legend under the panels in as many columns as fit the figure's width (fewer until it fits)."""
     width = fig.bbox.width
+    renderer = fig.canvas.get_renderer()  # sizes the legend alone: drawing the whole figure per try costs seconds
     for ncol in range(len(handles), 0, -1):
         legend = fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
-        fig.canvas.draw()
-        box = legend.get_window_extent()
-        if ncol == 1 or (box.x0 >= 0 and box.x1 <= width):
+        if ncol == 1 or legend.get_window_extent(renderer).width <= width:
             return legend
         legend.remove()
     return None
