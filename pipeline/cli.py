@@ -95,7 +95,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
             print(f"  {st['run']}: {st['vs_alone']:+.2f} points, {verdict(st)}")
     report = Path(args.root) / "reports" / "results.json"
     if report.is_file():  # the deployment report's pick per device profile, once the report stage has run
-        from pipeline.report.results import profile_lines
+        from pipeline.report.markdown import profile_lines
 
         profiles = json.loads(report.read_text()).get("profiles", {})
         if profiles:

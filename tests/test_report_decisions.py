@@ -18,7 +18,8 @@ from pipeline.report.decisions import (
     noise_front,
     row_key,
 )
-from pipeline.report.results import markdown, model_summary, profile_lines, read_predictions, summarize
+from pipeline.report.markdown import markdown, profile_lines
+from pipeline.report.results import model_summary, read_predictions, summarize
 from pipeline.report.rows import best_under_budget, label, pareto_front, row_latency
 from pipeline.stats import paired_test
 
