@@ -29,7 +29,6 @@ from pipeline.report.decisions import (
     best_variants,
     choose,
     correct_from_predictions,
-    explain,
     latency_interval,
     noise_front,
     pool_graphs,
@@ -38,6 +37,7 @@ from pipeline.report.markdown import markdown
 from pipeline.report.metrics import collect_results
 from pipeline.report.rows import build_rows, label
 from pipeline.report.significance import read_correct, significance_rows
+from pipeline.report.why import explain
 from pipeline.stats import ALPHA
 
 
