@@ -41,6 +41,9 @@ VARIANTS = ("fp32", "fp16", "int8")
 TRT_INT8 = "int8_trt"
 EXPORTS = Path("exports")
 REPORTS = Path("reports")
+#: ``reports/predictions.json`` (quantize writes it, the report reads it): ``{"labels": [...],
+#: "models": {run: {runtime: {variant: [class per test image]}}}}``.
+PREDICTIONS_FORMAT = "kdpipe-predictions/1"
 BUNDLES = Path("bundles")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -55,13 +55,8 @@ from pipeline.engine.atomic import file_sha256
 EDGE_DIR = Path(__file__).resolve().parent / "edge"
 #: Bundle file name -> source file (relative to pipeline/).
 RUNTIME_FILES = {
-    "run.py": EDGE_DIR / "run.py",
-    "bench.py": EDGE_DIR / "bench.py",
-    "edge_runtime.py": EDGE_DIR / "edge_runtime.py",
-    "edge_measure.py": EDGE_DIR / "edge_measure.py",
-    "edge_timing.py": EDGE_DIR / "edge_timing.py",
-    "edge_openvino.py": EDGE_DIR / "edge_openvino.py",
-    "build_engine.py": EDGE_DIR / "build_engine.py",
+    **{name: EDGE_DIR / name for name in ("run.py", "bench.py", "edge_runtime.py", "edge_measure.py", "edge_timing.py",
+                                          "edge_openvino.py", "build_engine.py")},
     "edge_preprocessing.py": Path(__file__).resolve().parent.parent / "data" / "preprocessing.py",
 }
 BUNDLE_FORMAT = "kdpipe-bundle/1"

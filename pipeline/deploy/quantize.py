@@ -22,7 +22,7 @@ converter but is not needed.)
 
 The accuracy reported for a variant is that of the file itself run by onnxruntime on
 the whole test split, never an estimate from PyTorch. Every file's prediction for each
-test image, per runtime, goes to ``reports/predictions.json`` (:data:`PREDICTIONS_FORMAT`):
+test image, per runtime, goes to ``reports/predictions.json`` (:data:`pipeline.deploy.artifacts.PREDICTIONS_FORMAT`):
 the paired tests of the report compare files image by image, and a fresh process (a
 bundle's ``run.py`` on the test split written as image files) must reproduce them.
 """
@@ -42,6 +42,7 @@ import numpy as np
 
 from pipeline.deploy.artifacts import (
     INPUT_NAME,
+    PREDICTIONS_FORMAT,
     TRT_INT8,
     DeployError,
     calibration_indices,
@@ -59,8 +60,6 @@ from pipeline.deploy.export import onnx_logits, topk_accuracy
 from pipeline.deploy.metadata import META_PREFIX, read_metadata, set_metadata
 
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
-#: ``reports/predictions.json``: ``{"labels": [...], "models": {run: {runtime: {variant: [class per image]}}}}``.
-PREDICTIONS_FORMAT = "kdpipe-predictions/1"
 
 
 class ArrayCalibrationReader:

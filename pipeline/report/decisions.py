@@ -44,8 +44,6 @@ from pipeline.stats import ALPHA, paired_test
 PICK_RULES = ("cheapest_within_noise", "most_accurate")
 #: Files whose sizes differ by less than this share of the smaller tie on size.
 SIZE_TIE = 0.01
-#: The format of ``reports/predictions.json`` these functions read.
-PREDICTIONS_FORMAT = "kdpipe-predictions/1"
 
 RowKey = tuple[str, str, str]
 

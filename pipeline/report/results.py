@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.report.decisions import (
-    PREDICTIONS_FORMAT,
     Noise,
     RowKey,
     best_variants,
@@ -133,7 +132,7 @@ def model_summary(rows: list[dict[str, Any]], profiles: Sequence[dict[str, Any]]
 def read_predictions(path: Path) -> dict[str, Any] | None:
     """``reports/predictions.json`` (each file's class per test image, per runtime), or None when the quantize
     stage of an older workspace did not write it; a file of another format is a DeployError."""
-    from pipeline.deploy.artifacts import DeployError
+    from pipeline.deploy.artifacts import PREDICTIONS_FORMAT, DeployError
 
     if not path.is_file():
         return None
